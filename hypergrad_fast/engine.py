@@ -1,0 +1,345 @@
+"""The exact reversible SGD-with-momentum engine (CPU).
+
+Momentum convention (the paper's Algorithm 1)::
+
+    v <- beta * v - (1 - beta) * g
+    x <- x + alpha * v
+
+``x`` and ``v`` are held as int64 fixed-point numbers with ``frac_bits`` bits after
+the radix point; ``beta`` is held as the rational ``n / 2**16``; the digits that the
+division by ``2**16`` drops are kept in a per-parameter information buffer, so
+every step can be undone bit for bit at a net cost of ``log2(2**16 / n)`` bits
+per parameter per iteration.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _cpu_kernels as k
+from ._arith import (
+    BETA_DENOM,
+    BETA_MIN_NUMER,
+    FIXED_LIMIT_BITS,
+    STATE_INIT,
+    STATE_LOW_BITS,
+    WORD_BITS,
+)
+
+#: Parameters per kernel chunk: the granularity of error reporting and rollback.
+CHUNK = 1 << 14
+
+
+def beta_numerator(beta):
+    """The integer ``n`` with ``beta ~= n / 2**16`` that the engine uses.
+
+    ``beta`` is a scalar or an array in (0, 1]; values below ``2 / 2**16`` are held
+    as ``2 / 2**16`` (the coder needs ``n >= 2``).  Inputs are not validated here.
+    """
+    n = np.rint(np.asarray(beta, dtype=np.float64) * BETA_DENOM).astype(np.int64)
+    return np.clip(n, BETA_MIN_NUMER, BETA_DENOM)
+
+
+def effective_beta(beta):
+    """The decay actually applied for ``beta``: ``beta_numerator(beta) / 2**16``."""
+    return beta_numerator(beta) / BETA_DENOM
+
+
+def information_bound(beta):
+    """Entropy bound in bits per parameter per iteration: ``log2(2**16 / n)``."""
+    return np.log2(BETA_DENOM / beta_numerator(beta))
+
+
+class EngineState(NamedTuple):
+    """The whole state of a :class:`ReversibleMomentum` engine.
+
+    x, v:     int64 fixed-point position and velocity, shape (N,)
+    coder:    uint64 coder state per parameter, in [2**48, 2**64)
+    height:   int32 number of 16-bit words each parameter has on its stack
+              (negative after borrowing from an empty stack)
+    words:    uint16 word stacks, shape (rows, N): words[h, i] is word h of parameter i
+    """
+
+    x: np.ndarray
+    v: np.ndarray
+    coder: np.ndarray
+    height: np.ndarray
+    words: np.ndarray
+
+
+def _chunk_ends(n):
+    n_chunks = -(-n // CHUNK)
+    size = -(-n // n_chunks)
+    return np.minimum(np.arange(1, n_chunks + 1, dtype=np.int64) * size, n)
+
+
+def _first_failure(ends, done):
+    """Index of the first element a kernel refused, or -1."""
+    bad = np.flatnonzero(done < ends)
+    return int(done[bad[0]]) if bad.size else -1
+
+
+class ReversibleMomentum:
+    """SGD with momentum that can be run backwards exactly.
+
+    Parameters
+    ----------
+    x0, v0 : 1-D float64 arrays of the same length N (``v0`` defaults to zeros).
+        Converted to fixed point with the engine's rounding rule.
+    frac_bits : int
+        Bits after the radix point (default 52).  Values must satisfy
+        ``|value| < 2**(62 - frac_bits)``.
+
+    After ``T`` calls of :meth:`step` and ``T`` matching reverse steps
+    (:meth:`unstep_position` then :meth:`unstep_velocity`, each with the inputs of
+    its forward step, last step first), ``x`` and ``v`` are back to their starting
+    fixed-point values bit for bit and the buffer is empty.  A call refused with an
+    exception leaves the engine exactly as it was.
+    """
+
+    def __init__(self, x0, v0=None, frac_bits=52):
+        if not isinstance(frac_bits, (int, np.integer)) or not 0 <= frac_bits <= 60:
+            raise ValueError(f"frac_bits must be an integer in [0, 60], got {frac_bits!r}")
+        self.frac_bits = int(frac_bits)
+        self._scale = float(2.0**self.frac_bits)
+        x0 = self._vector(x0, "x0", None)
+        n = x0.shape[0]
+        if n == 0:
+            raise ValueError("x0 must hold at least one parameter")
+        v0 = np.zeros(n) if v0 is None else self._vector(v0, "v0", n)
+        self._ends = _chunk_ends(n)
+        self._done = np.empty_like(self._ends)
+        self._top = np.empty_like(self._ends)
+        self._x = self._fix(x0, "x0")
+        self._v = self._fix(v0, "v0")
+        self._coder = np.full(n, STATE_INIT, dtype=np.uint64)
+        self._height = np.zeros(n, dtype=np.int32)
+        self._words = np.zeros((0, n), dtype=np.uint16)
+        self._top_height = 0  # max over parameters of height
+        self._iterations = 0
+        self._position_undone = False
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def size(self):
+        """Number of parameters N."""
+        return self._x.shape[0]
+
+    @property
+    def x(self):
+        """Current position as a float64 copy."""
+        return self._x / self._scale
+
+    @property
+    def v(self):
+        """Current velocity as a float64 copy."""
+        return self._v / self._scale
+
+    @property
+    def iterations(self):
+        """Forward steps taken minus steps undone."""
+        return self._iterations
+
+    @property
+    def aux_bits(self):
+        """Information held in the buffer, in bits (summed over parameters)."""
+        held = np.log2(self._coder.astype(np.float64)) - STATE_LOW_BITS
+        return float(WORD_BITS * self._height.astype(np.float64).sum() + held.sum())
+
+    @property
+    def aux_nbytes(self):
+        """Bytes allocated for the buffer's word stacks.
+
+        The 8-byte coder state and 4-byte height per parameter are a fixed
+        overhead, reported by :attr:`state_nbytes`.
+        """
+        return self._words.nbytes
+
+    @property
+    def state_nbytes(self):
+        """Fixed bytes of the coder (state and stack height per parameter)."""
+        return self._coder.nbytes + self._height.nbytes
+
+    @property
+    def state(self):
+        """Copies of the exact integer state, as an :class:`EngineState`."""
+        rows = max(int(self._height.max()), 0)
+        return EngineState(self._x.copy(), self._v.copy(), self._coder.copy(),
+                           self._height.copy(), self._words[:rows].copy())
+
+    # ----------------------------------------------------------------- capacity
+    def reserve(self, iterations, beta):
+        """Allocate the word stacks for ``iterations`` more steps at decay ``beta``.
+
+        Sizing up front means the buffer is never regrown during the run.
+        ``beta`` is a scalar, a per-parameter array, or a sequence of per-step
+        values (shape (iterations,) or (iterations, N)).
+        """
+        bits = information_bound(np.asarray(beta, dtype=np.float64))
+        if bits.ndim == 2 or (bits.ndim == 1 and bits.shape[0] == iterations
+                              and bits.shape[0] != self.size):
+            per_param = bits.sum(axis=0)
+        else:
+            per_param = bits * iterations
+        held_bits = self.aux_bits / self.size
+        rows = int(np.ceil((held_bits + np.max(per_param)) / WORD_BITS)) + 2
+        self._grow(rows)
+
+    def _grow(self, rows):
+        """Make room for ``rows`` words per parameter, in place.
+
+        ``ndarray.resize`` reallocates the buffer; for large arrays the C library
+        remaps the pages instead of copying, so two full copies are never held.
+        """
+        if rows <= self._words.shape[0]:
+            return
+        self._words.resize((rows, self.size), refcheck=False)
+
+    def _ensure_room(self):
+        """Room for one more word on every stack, growing by 1/16 at a time."""
+        need = self._top_height + 1
+        have = self._words.shape[0]
+        if need > have:
+            self._grow(max(need, have + have // 16))
+
+    # ----------------------------------------------------------------- validation
+    def _vector(self, a, name, n):
+        a = np.asarray(a)
+        if a.dtype.kind not in "fiu":
+            raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
+        a = np.ascontiguousarray(a, dtype=np.float64)
+        if a.ndim != 1:
+            raise ValueError(f"{name} must be a 1-D array, got shape {a.shape}")
+        if n is not None and a.shape[0] != n:
+            raise ValueError(f"{name} has length {a.shape[0]}, expected {n}")
+        return a
+
+    def _fix(self, values, name):
+        out = np.empty(values.shape[0], dtype=np.int64)
+        k.to_fixed(values, self._scale, out, self._ends, self._done)
+        bad = _first_failure(self._ends, self._done)
+        if bad >= 0:
+            self._raise_value(name, bad, values[bad])
+        return out
+
+    def _raise_value(self, name, index, value):
+        if not np.isfinite(value):
+            raise FloatingPointError(f"{name}[{index}] = {value} is not finite")
+        raise OverflowError(
+            f"{name}[{index}] = {value!r} leaves the fixed-point range: with frac_bits="
+            f"{self.frac_bits}, |x| and |v| must stay below 2**{FIXED_LIMIT_BITS - self.frac_bits}")
+
+    def _coefficient(self, value, name, unit_interval=False):
+        """A scalar or per-parameter float64 coefficient as a 1- or N-element array."""
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "fiub":
+            raise TypeError(f"{name} must be real, got dtype {arr.dtype}")
+        if arr.ndim == 0:
+            a = np.array([float(arr)])
+        elif arr.shape == (self.size,):
+            a = np.ascontiguousarray(arr, dtype=np.float64)
+        else:
+            raise ValueError(f"{name} must be a scalar or have shape ({self.size},), "
+                             f"got shape {arr.shape}")
+        finite = np.isfinite(a)
+        if not finite.all():
+            i = int(np.argmin(finite))
+            where = f"{name}[{i}]" if np.ndim(value) else name
+            raise FloatingPointError(f"{where} = {a[i]} is not finite")
+        if unit_interval:
+            inside = (a > 0.0) & (a <= 1.0)
+            if not inside.all():
+                i = int(np.argmin(inside))
+                where = f"{name}[{i}]" if np.ndim(value) else name
+                raise ValueError(f"{where} = {a[i]} is outside (0, 1]")
+        return a
+
+    def _gradient(self, g):
+        return self._vector(g, "g", self.size)
+
+    def _kernel_failed(self, g, alpha, beta_n, stage):
+        """Turn a refused element into an exception naming it."""
+        i = _first_failure(self._ends, self._done)
+        if g is not None and not np.isfinite(g[i]):
+            raise FloatingPointError(f"g[{i}] = {g[i]} is not finite")
+        a = alpha[i if alpha.shape[0] > 1 else 0] if alpha is not None else None
+        b = None if beta_n is None else beta_n[i if beta_n.shape[0] > 1 else 0] / BETA_DENOM
+        raise OverflowError(
+            f"{stage} overflows the fixed-point range at parameter {i} "
+            f"(x={self._x[i] / self._scale!r}, v={self._v[i] / self._scale!r}"
+            + ("" if g is None else f", g={g[i]!r}")
+            + ("" if a is None else f", alpha={a!r}")
+            + ("" if b is None else f", beta={b!r}")
+            + f"); with frac_bits={self.frac_bits}, |x| and |v| must stay below "
+              f"2**{FIXED_LIMIT_BITS - self.frac_bits}")
+
+    def _note_top(self):
+        self._top_height = max(self._top_height, int(self._top.max()))
+
+    # ----------------------------------------------------------------- the steps
+    def step(self, g, alpha, beta):
+        """One forward step: ``v <- beta v - (1-beta) g``, then ``x <- x + alpha v``.
+
+        ``alpha`` and ``beta`` are scalars or per-parameter arrays; ``beta`` in (0, 1]
+        is used as :func:`effective_beta` of itself.
+        """
+        if self._position_undone:
+            raise RuntimeError("unstep_position was called without its unstep_velocity; "
+                               "finish the reverse step first")
+        g = self._gradient(g)
+        alpha = self._coefficient(alpha, "alpha")
+        beta_n = beta_numerator(self._coefficient(beta, "beta", unit_interval=True))
+        self._ensure_room()
+        k.step(self._x, self._v, self._coder, self._height, self._words, g, alpha, beta_n,
+               self._scale, self._ends, self._done, self._top)
+        if _first_failure(self._ends, self._done) >= 0:
+            ends = self._done.copy()
+            k.position(self._x, self._v, alpha, -1, ends, self._done)
+            k.undecay(self._v, self._coder, self._height, self._words, g, beta_n, self._scale,
+                      ends, self._done)
+            self._done[:] = ends
+            self._kernel_failed(g, alpha, beta_n, "step")
+        self._note_top()
+        self._iterations += 1
+
+    def unstep_position(self, alpha):
+        """Undo the position half of the last step: ``x <- x - alpha v`` (exact)."""
+        if self._position_undone:
+            raise RuntimeError("unstep_position called twice; call unstep_velocity first")
+        if self._iterations <= 0:
+            raise ValueError("no step left to undo: the engine is back at its first state")
+        alpha = self._coefficient(alpha, "alpha")
+        k.position(self._x, self._v, alpha, -1, self._ends, self._done)
+        if _first_failure(self._ends, self._done) >= 0:
+            ends = self._done.copy()
+            k.position(self._x, self._v, alpha, 1, ends, self._done)
+            self._done[:] = ends
+            self._kernel_failed(None, alpha, None, "unstep_position")
+        self._position_undone = True
+
+    def unstep_velocity(self, g, beta):
+        """Undo the velocity half of the last step: ``v <- (v + (1-beta) g) / beta``.
+
+        ``g`` and ``beta`` must be those of the forward step being undone; the
+        digits it stored are popped from the buffer.
+        """
+        if not self._position_undone:
+            raise RuntimeError("unstep_velocity must follow unstep_position")
+        g = self._gradient(g)
+        beta_n = beta_numerator(self._coefficient(beta, "beta", unit_interval=True))
+        self._ensure_room()
+        k.undecay(self._v, self._coder, self._height, self._words, g, beta_n, self._scale,
+                  self._ends, self._done)
+        if _first_failure(self._ends, self._done) >= 0:
+            ends = self._done.copy()
+            k.decay(self._v, self._coder, self._height, self._words, g, beta_n, self._scale,
+                    ends, self._done, self._top)
+            self._done[:] = ends
+            self._note_top()
+            self._kernel_failed(g, None, beta_n, "unstep_velocity")
+        self._position_undone = False
+        self._iterations -= 1
+
+    def __repr__(self):
+        return (f"ReversibleMomentum(N={self.size}, frac_bits={self.frac_bits}, "
+                f"iterations={self._iterations}, aux_bits={self.aux_bits:.1f})")
