@@ -6,7 +6,14 @@ input or a fixed-point overflow).  Nothing is written for that element, so the
 host can undo exactly the elements that were updated (the ``ends`` argument limits
 each chunk, and the inverse kernel is run on what the failed call reports in
 ``done``) and leave the engine as it was.  All arithmetic is in :mod:`._arith`.
+
+Every kernel is compiled twice from one Python function: a parallel version for
+large vectors and a serial one for small vectors, where starting the thread team
+costs more than it saves (and its spinning threads slow down the BLAS calls of the
+model's gradient between steps).
 """
+
+import types
 
 import numpy as np
 from numba import njit, prange
@@ -41,8 +48,7 @@ def _chunk_size(n, n_chunks):
     return (n + n_chunks - 1) // n_chunks
 
 
-@njit(parallel=True, cache=True)
-def to_fixed(values, scale, out, ends, done):
+def _to_fixed(values, scale, out, ends, done):
     """out[i] = round(values[i] * scale) by the engine's rule; per-chunk stop on failure."""
     chunk = _chunk_size(values.shape[0], ends.shape[0])
     for c in prange(ends.shape[0]):
@@ -56,8 +62,7 @@ def to_fixed(values, scale, out, ends, done):
         done[c] = i
 
 
-@njit(parallel=True, cache=True)
-def step(x, v, state, height, words, g, alpha, beta_n, scale, ends, done, top):
+def _step(x, v, state, height, words, g, alpha, beta_n, scale, ends, done, top):
     """Fused forward step: ``v <- beta v - (1-beta) g`` then ``x <- x + alpha v``."""
     per_alpha = alpha.shape[0] > 1
     per_beta = beta_n.shape[0] > 1
@@ -95,8 +100,7 @@ def step(x, v, state, height, words, g, alpha, beta_n, scale, ends, done, top):
         top[c] = h_top
 
 
-@njit(parallel=True, cache=True)
-def position(x, v, alpha, sign, ends, done):
+def _position(x, v, alpha, sign, ends, done):
     """``x <- x + sign * alpha * v`` (sign +1 forward, -1 to undo)."""
     per_alpha = alpha.shape[0] > 1
     chunk = _chunk_size(x.shape[0], ends.shape[0])
@@ -114,8 +118,7 @@ def position(x, v, alpha, sign, ends, done):
         done[c] = i
 
 
-@njit(parallel=True, cache=True)
-def decay(v, state, height, words, g, beta_n, scale, ends, done, top):
+def _decay(v, state, height, words, g, beta_n, scale, ends, done, top):
     """The velocity half of the forward step: ``v <- beta v - (1-beta) g``."""
     per_beta = beta_n.shape[0] > 1
     omb0, q0, r0, iq0, iq10, _ = _beta_consts(beta_n[0])
@@ -145,8 +148,7 @@ def decay(v, state, height, words, g, beta_n, scale, ends, done, top):
         top[c] = h_top
 
 
-@njit(parallel=True, cache=True)
-def undecay(v, state, height, words, g, beta_n, scale, ends, done):
+def _undecay(v, state, height, words, g, beta_n, scale, ends, done):
     """The velocity half of the reverse step: ``v <- (v + (1-beta) g) / beta``."""
     per_beta = beta_n.shape[0] > 1
     omb0, q0, r0, iq0, iq10, in0 = _beta_consts(beta_n[0])
@@ -170,3 +172,41 @@ def undecay(v, state, height, words, g, beta_n, scale, ends, done):
             state[i] = st
             i += 1
         done[c] = i
+
+
+#: Below this many parameters the serial kernels are used.
+PARALLEL_MIN_SIZE = 1 << 17
+
+
+def _renamed(func, suffix):
+    """A copy of ``func`` under another name.
+
+    Numba's on-disk cache is keyed by the function's qualified name and source line,
+    not by the ``parallel`` flag, so the serial and parallel builds of one function
+    would overwrite each other's cache entries.
+    """
+    copy = types.FunctionType(func.__code__, func.__globals__, func.__name__ + suffix,
+                              func.__defaults__, func.__closure__)
+    copy.__qualname__ = func.__qualname__ + suffix
+    copy.__doc__ = func.__doc__
+    return copy
+
+
+class _Kernel:
+    """One kernel function compiled serially and in parallel; picks by vector length."""
+
+    def __init__(self, func):
+        self.serial = njit(cache=True)(_renamed(func, "_serial"))
+        self.parallel = njit(cache=True, parallel=True)(func)
+        self.__doc__ = func.__doc__
+
+    def __call__(self, first, *args):
+        big = first.shape[0] >= PARALLEL_MIN_SIZE
+        return (self.parallel if big else self.serial)(first, *args)
+
+
+to_fixed = _Kernel(_to_fixed)
+step = _Kernel(_step)
+position = _Kernel(_position)
+decay = _Kernel(_decay)
+undecay = _Kernel(_undecay)
