@@ -55,6 +55,7 @@ _U_DIGIT_BITS = np.uint64(BETA_DENOM_BITS)
 _I_DIGIT_BITS = np.int64(BETA_DENOM_BITS)
 _I_DIGIT_MASK = np.int64(BETA_DENOM - 1)
 _I_DENOM = np.int64(BETA_DENOM)
+_INV_DENOM = 1.0 / BETA_DENOM
 _I_ZERO = np.int64(0)
 _I_ONE = np.int64(1)
 _I_LIMIT = np.int64(1 << FIXED_LIMIT_BITS)
@@ -76,18 +77,17 @@ def fixed_round(y):
     ``value`` is 0.  ``y - floor(y)`` is exact for every float, so the rule does not
     depend on fused multiply-add contraction.
     """
-    if not (abs(y) < FIXED_LIMIT):
-        return _I_ZERO, False
+    ok = abs(y) < FIXED_LIMIT
+    y = y if ok else 0.0  # a select, not a branch: keeps the kernels' loops vectorisable
     f = math.floor(y)
-    if y - f >= 0.5:
-        f += 1.0
-    return np.int64(f), True
+    f = f + 1.0 if y - f >= 0.5 else f
+    return np.int64(f), ok
 
 
 @register_jitable
 def fixed_fits(value):
     """True when a fixed-point integer lies inside the held range."""
-    return value < _I_LIMIT and value > -_I_LIMIT
+    return (value < _I_LIMIT) & (value > -_I_LIMIT)
 
 
 @register_jitable
@@ -208,6 +208,20 @@ def uniform_code(n):
     return q, _U_PREC_TOTAL - q * n
 
 
+@register_jitable(inline="always")
+def beta_constants(n):
+    """Everything the kernels need to know about ``beta = n / d``.
+
+    Returns ``(one_minus_beta, q, r, 1/q, 1/(q+1), 1/n)`` with (q, r) =
+    ``uniform_code(n)``; ``1 - n/d`` is exact in float64.
+    """
+    n = np.int64(n)
+    q, r = uniform_code(np.uint64(n))
+    one_minus_beta = np.float64(_I_DENOM - n) * _INV_DENOM
+    return (one_minus_beta, q, r, 1.0 / np.float64(q), 1.0 / np.float64(q + _U_ONE),
+            1.0 / np.float64(n))
+
+
 @register_jitable
 def _uniform_slot(digit, q, r):
     """(cum, freq) of ``digit`` in the uniform code (q, r), without branches.
@@ -247,7 +261,7 @@ def _decode_uniform(state, q, r, inv_q, inv_q1):
     return digit, freq * (state >> _U_PREC_BITS) + (np.uint64(slot) - cum)
 
 
-@register_jitable
+@register_jitable(inline="always")
 def forward_velocity(v, state, g, one_minus_beta, n, q, r, inv_q, inv_q1, scale):
     """``v <- (n/d) v - (1 - n/d) g`` exactly, for one parameter.
 
@@ -265,13 +279,13 @@ def forward_velocity(v, state, g, one_minus_beta, n, q, r, inv_q, inv_q1, scale)
         | ((state >> _U_WORD_BITS) & _U_WORD_MASK)
     digit, state = _decode_uniform(state, q, r, inv_q, inv_q1)
     spill = state >= _U_STATE_LOW
-    if not spill:  # renormalise with the word the push gave up
-        state = (state << _U_WORD_BITS) | word
+    # otherwise renormalise with the word the push gave up
+    state = state if spill else (state << _U_WORD_BITS) | word
     v = high * n + np.int64(digit) - gt
-    return v, state, word, spill, ok and fixed_fits(v)
+    return v, state, word, spill, ok & fixed_fits(v)
 
 
-@register_jitable
+@register_jitable(inline="always")
 def reverse_velocity(v, state, g, one_minus_beta, n, q, r, inv_q, inv_q1, inv_n, scale):
     """``v <- (v + (1 - n/d) g) * d / n`` exactly: the inverse of :func:`forward_velocity`.
 
@@ -280,11 +294,9 @@ def reverse_velocity(v, state, g, one_minus_beta, n, q, r, inv_q, inv_q1, inv_n,
     """
     gt, ok = gradient_term(one_minus_beta, g, scale)
     v = v + gt
-    if not (ok and fixed_fits(v)):
-        return v, state, False, False
-    high, low = floordiv_signed(v, n, inv_n)
-    if not (high < _I_HIGH_LIMIT and high > -_I_HIGH_LIMIT):
-        return v, state, False, False
+    ok &= fixed_fits(v)
+    high, low = floordiv_signed(v if ok else _I_ZERO, n, inv_n)
+    ok &= (high < _I_HIGH_LIMIT) & (high > -_I_HIGH_LIMIT)
     # push the digit `low` of base n
     cum, freq = _uniform_slot(np.uint64(low), q, r)
     emit = (state >> _U_PUSH_SHIFT) >= freq
@@ -299,12 +311,12 @@ def reverse_velocity(v, state, g, one_minus_beta, n, q, r, inv_q, inv_q1, inv_n,
     slot = state & _U_PREC_MASK
     digit = slot >> _U_DIGIT_BITS
     state = (((state >> _U_PREC_BITS) << _U_DIGIT_BITS) + (slot & _U_WORD_MASK)) << _U_WORD_BITS
-    return high * _I_DENOM + np.int64(digit), state | word, not emit, True
+    return high * _I_DENOM + np.int64(digit), state | word, not emit, ok
 
 
-@register_jitable
+@register_jitable(inline="always")
 def move_position(x, v, alpha, sign):
     """``x + sign * alpha * v`` in fixed point.  Returns (x, ok)."""
     dx, ok = position_delta(alpha, v)
     x = x + sign * dx
-    return x, ok and fixed_fits(x)
+    return x, ok & fixed_fits(x)

@@ -1,11 +1,19 @@
 """Numba CPU kernels for the reversible momentum step.
 
 Each kernel walks the parameters in fixed-size chunks (one ``prange`` iteration a
-chunk) and stops a chunk at its first element that cannot be updated (a non-finite
-input or a fixed-point overflow).  Nothing is written for that element, so the
-host can undo exactly the elements that were updated (the ``ends`` argument limits
-each chunk, and the inverse kernel is run on what the failed call reports in
-``done``) and leave the engine as it was.  All arithmetic is in :mod:`._arith`.
+chunk) in two loops:
+
+1. a branch-free loop that updates every element (LLVM vectorises it) and writes a
+   status byte per element: ``FAIL`` for an element that cannot be updated (a
+   non-finite input or a fixed-point overflow; it is left untouched), ``STACK``
+   for one whose coder must move a word to or from its stack;
+2. a scalar loop that does those rare stack moves and finds the chunk's first
+   failure and highest stack.
+
+Elements whose status is ``FAIL`` on entry are skipped: after a failed call the
+host runs the inverse kernel with the same status array, which undoes exactly the
+elements that were updated, and the engine is as it was.  The status array is all
+zero between calls.  All arithmetic is in :mod:`._arith`.
 
 Every kernel is compiled twice from one Python function: a parallel version for
 large vectors and a serial one for small vectors, where starting the thread team
@@ -16,162 +24,211 @@ model's gradient between steps).
 import types
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types as nbtypes
+from numba.extending import overload
 
 from ._arith import (
-    BETA_DENOM,
+    beta_constants,
     forward_velocity,
     gradient_term,
     move_position,
     reverse_velocity,
     stack_pop,
     stack_push,
-    uniform_code,
 )
 
-_INV_DENOM = 1.0 / BETA_DENOM
-_I_DENOM = np.int64(BETA_DENOM)
+#: Status byte values.
+OK = np.uint8(0)
+FAIL = np.uint8(1)
+STACK = np.uint8(2)
+CORRUPT = np.uint8(4)
+
 _NO_HEIGHT = np.int64(-(1 << 62))
+_NO_INDEX = np.int64(-1)
+
+
+def _at(coef, i):
+    """``coef[i]`` for a per-parameter array, ``coef`` itself for a scalar."""
+    return coef[i] if np.ndim(coef) else coef
+
+
+@overload(_at, inline="always")
+def _at_overload(coef, i):
+    # Scalars and arrays compile to separate kernels, so the choice costs nothing in
+    # the loop and keeps it free of loads the vectoriser cannot speculate.
+    if isinstance(coef, nbtypes.Array):
+        return lambda coef, i: coef[i]
+    return lambda coef, i: coef
+
+
+def _part(coef, lo, hi):
+    """``coef[lo:hi]`` for a per-parameter array, ``coef`` itself for a scalar."""
+    return coef[lo:hi] if np.ndim(coef) else coef
+
+
+@overload(_part, inline="always")
+def _part_overload(coef, lo, hi):
+    if isinstance(coef, nbtypes.Array):
+        return lambda coef, lo, hi: coef[lo:hi]
+    return lambda coef, lo, hi: coef
 
 
 @njit(cache=True, inline="always")
-def _beta_consts(n):
-    """Per-beta constants for the kernels: (one_minus_beta, q, r, 1/q, 1/(q+1), 1/n)."""
-    q, r = uniform_code(np.uint64(n))
-    one_minus_beta = np.float64(_I_DENOM - n) * _INV_DENOM
-    return (one_minus_beta, q, r, 1.0 / np.float64(q), 1.0 / np.float64(q + np.uint64(1)),
-            1.0 / np.float64(n))
+def _status(good, stack):
+    """FAIL, STACK or OK, computed without branches."""
+    return np.uint8(np.int64(not good) | (np.int64(good & stack) << 1))
 
 
-@njit(cache=True, inline="always")
-def _chunk_size(n, n_chunks):
-    return (n + n_chunks - 1) // n_chunks
+# The element loops below run on one chunk's slices: LLVM vectorises a loop over
+# ``range(len(slice))`` but not the same loop over ``range(lo, hi)`` of whole arrays.
+
+@njit(cache=True)
+def _fix_loop(values, scale, out, status):
+    n_bad = 0
+    for i in range(values.shape[0]):
+        value, ok = gradient_term(1.0, values[i], scale)
+        out[i] = value
+        status[i] = _status(ok, False)
+        n_bad += not ok
+    return n_bad
 
 
-def _to_fixed(values, scale, out, ends, done):
-    """out[i] = round(values[i] * scale) by the engine's rule; per-chunk stop on failure."""
-    chunk = _chunk_size(values.shape[0], ends.shape[0])
-    for c in prange(ends.shape[0]):
-        i = c * chunk
-        while i < ends[c]:
-            value, ok = gradient_term(1.0, values[i], scale)
-            if not ok:
-                break
-            out[i] = value
-            i += 1
-        done[c] = i
+@njit(cache=True)
+def _forward_loop(x, v, state, g, alpha, beta_n, scale, status, scratch, move_x):
+    for i in range(v.shape[0]):
+        b = _at(beta_n, i)
+        omb, q, r, iq, iq1, _ = beta_constants(b)
+        vn, st, word, spill, ok = forward_velocity(v[i], state[i], g[i], omb, b, q, r, iq,
+                                                   iq1, scale)
+        good = ok & (status[i] == OK)
+        if move_x:
+            xn, ok_x = move_position(x[i], vn, _at(alpha, i), 1)
+            good &= ok_x
+            x[i] = xn if good else x[i]
+        v[i] = vn if good else v[i]
+        state[i] = st if good else state[i]
+        scratch[i] = np.uint16(word)
+        status[i] = _status(good, spill)
 
 
-def _step(x, v, state, height, words, g, alpha, beta_n, scale, ends, done, top):
+@njit(cache=True)
+def _position_loop(x, v, alpha, sign, status):
+    n_bad = 0
+    for i in range(x.shape[0]):
+        xn, ok = move_position(x[i], v[i], _at(alpha, i), sign)
+        good = ok & (status[i] == OK)
+        x[i] = xn if good else x[i]
+        status[i] = _status(good, False)
+        n_bad += not good
+    return n_bad
+
+
+@njit(cache=True)
+def _reverse_loop(v, state, g, beta_n, scale, status):
+    for i in range(v.shape[0]):
+        b = _at(beta_n, i)
+        omb, q, r, iq, iq1, inv_n = beta_constants(b)
+        vn, st, fill, ok = reverse_velocity(v[i], state[i], g[i], omb, b, q, r, iq, iq1,
+                                            inv_n, scale)
+        good = ok & (status[i] == OK)
+        v[i] = vn if good else v[i]
+        state[i] = st if good else state[i]
+        status[i] = _status(good, fill)
+
+
+@njit(cache=True)
+def _first_failure(status, lo, hi):
+    for i in range(lo, hi):
+        if status[i] != OK:
+            return np.int64(i)
+    return _NO_INDEX
+
+
+@njit(cache=True)
+def _push_spills(status, scratch, height, words, lo, hi):
+    """Second loop of the forward kernels: push the spilled words.
+
+    Returns (first failing index, highest stack) of the chunk.
+    """
+    first = _NO_INDEX
+    h_top = _NO_HEIGHT
+    for i in range(lo, hi):
+        s = status[i]
+        if s == STACK:
+            h, ok = stack_push(words, np.int64(height[i]), i, scratch[i])
+            height[i] = np.int32(h)
+            h_top = max(h_top, h)
+            s = OK if ok else CORRUPT
+            status[i] = s
+        if s != OK and first < 0:
+            first = np.int64(i)
+    return first, h_top
+
+
+@njit(cache=True)
+def _pop_fills(status, state, height, words, lo, hi):
+    """Second loop of the reverse kernel: refill the coders from their stacks."""
+    first = _NO_INDEX
+    for i in range(lo, hi):
+        s = status[i]
+        if s == STACK:
+            word, h = stack_pop(words, np.int64(height[i]), i)
+            height[i] = np.int32(h)
+            state[i] |= word
+            status[i] = OK
+        elif s != OK and first < 0:
+            first = np.int64(i)
+    return first
+
+
+def _to_fixed(values, scale, out, status, chunk, first_fail):
+    """out[i] = round(values[i] * scale) by the engine's rule."""
+    n = values.shape[0]
+    for c in prange(first_fail.shape[0]):
+        lo, hi = c * chunk, min((c + 1) * chunk, n)
+        n_bad = _fix_loop(values[lo:hi], scale, out[lo:hi], status[lo:hi])
+        first_fail[c] = _first_failure(status, lo, hi) if n_bad else _NO_INDEX
+
+
+def _step(x, v, state, height, words, g, alpha, beta_n, scale, status, scratch, chunk,
+          first_fail, top):
     """Fused forward step: ``v <- beta v - (1-beta) g`` then ``x <- x + alpha v``."""
-    per_alpha = alpha.shape[0] > 1
-    per_beta = beta_n.shape[0] > 1
-    omb0, q0, r0, iq0, iq10, _ = _beta_consts(beta_n[0])
-    chunk = _chunk_size(x.shape[0], ends.shape[0])
-    for c in prange(ends.shape[0]):
-        i = c * chunk
-        h_top = _NO_HEIGHT
-        omb, q, r, iq, iq1, n, a = omb0, q0, r0, iq0, iq10, beta_n[0], alpha[0]
-        while i < ends[c]:
-            if per_beta:
-                n = beta_n[i]
-                omb, q, r, iq, iq1, _ = _beta_consts(n)
-            if per_alpha:
-                a = alpha[i]
-            vn, st, word, spill, ok = forward_velocity(v[i], state[i], g[i], omb, n, q, r,
-                                                       iq, iq1, scale)
-            if not ok:
-                break
-            xn, ok = move_position(x[i], vn, a, 1)
-            if not ok:
-                break
-            h = np.int64(height[i])
-            if spill:
-                h, ok = stack_push(words, h, i, word)
-                if not ok:
-                    break
-                height[i] = np.int32(h)
-                h_top = max(h_top, h)
-            x[i] = xn
-            v[i] = vn
-            state[i] = st
-            i += 1
-        done[c] = i
-        top[c] = h_top
+    n = x.shape[0]
+    for c in prange(first_fail.shape[0]):
+        lo, hi = c * chunk, min((c + 1) * chunk, n)
+        _forward_loop(x[lo:hi], v[lo:hi], state[lo:hi], g[lo:hi], _part(alpha, lo, hi),
+                      _part(beta_n, lo, hi), scale, status[lo:hi], scratch[lo:hi], True)
+        first_fail[c], top[c] = _push_spills(status, scratch, height, words, lo, hi)
 
 
-def _position(x, v, alpha, sign, ends, done):
+def _position(x, v, alpha, sign, status, chunk, first_fail):
     """``x <- x + sign * alpha * v`` (sign +1 forward, -1 to undo)."""
-    per_alpha = alpha.shape[0] > 1
-    chunk = _chunk_size(x.shape[0], ends.shape[0])
-    for c in prange(ends.shape[0]):
-        i = c * chunk
-        a = alpha[0]
-        while i < ends[c]:
-            if per_alpha:
-                a = alpha[i]
-            xn, ok = move_position(x[i], v[i], a, sign)
-            if not ok:
-                break
-            x[i] = xn
-            i += 1
-        done[c] = i
+    n = x.shape[0]
+    for c in prange(first_fail.shape[0]):
+        lo, hi = c * chunk, min((c + 1) * chunk, n)
+        n_bad = _position_loop(x[lo:hi], v[lo:hi], _part(alpha, lo, hi), sign, status[lo:hi])
+        first_fail[c] = _first_failure(status, lo, hi) if n_bad else _NO_INDEX
 
 
-def _decay(v, state, height, words, g, beta_n, scale, ends, done, top):
+def _decay(v, state, height, words, g, beta_n, scale, status, scratch, chunk, first_fail,
+           top):
     """The velocity half of the forward step: ``v <- beta v - (1-beta) g``."""
-    per_beta = beta_n.shape[0] > 1
-    omb0, q0, r0, iq0, iq10, _ = _beta_consts(beta_n[0])
-    chunk = _chunk_size(v.shape[0], ends.shape[0])
-    for c in prange(ends.shape[0]):
-        i = c * chunk
-        h_top = _NO_HEIGHT
-        omb, q, r, iq, iq1, n = omb0, q0, r0, iq0, iq10, beta_n[0]
-        while i < ends[c]:
-            if per_beta:
-                n = beta_n[i]
-                omb, q, r, iq, iq1, _ = _beta_consts(n)
-            vn, st, word, spill, ok = forward_velocity(v[i], state[i], g[i], omb, n, q, r,
-                                                       iq, iq1, scale)
-            if not ok:
-                break
-            if spill:
-                h, ok = stack_push(words, np.int64(height[i]), i, word)
-                if not ok:
-                    break
-                height[i] = np.int32(h)
-                h_top = max(h_top, h)
-            v[i] = vn
-            state[i] = st
-            i += 1
-        done[c] = i
-        top[c] = h_top
+    n = v.shape[0]
+    for c in prange(first_fail.shape[0]):
+        lo, hi = c * chunk, min((c + 1) * chunk, n)
+        _forward_loop(v[lo:hi], v[lo:hi], state[lo:hi], g[lo:hi], 0.0,
+                      _part(beta_n, lo, hi), scale, status[lo:hi], scratch[lo:hi], False)
+        first_fail[c], top[c] = _push_spills(status, scratch, height, words, lo, hi)
 
 
-def _undecay(v, state, height, words, g, beta_n, scale, ends, done):
+def _undecay(v, state, height, words, g, beta_n, scale, status, chunk, first_fail):
     """The velocity half of the reverse step: ``v <- (v + (1-beta) g) / beta``."""
-    per_beta = beta_n.shape[0] > 1
-    omb0, q0, r0, iq0, iq10, in0 = _beta_consts(beta_n[0])
-    chunk = _chunk_size(v.shape[0], ends.shape[0])
-    for c in prange(ends.shape[0]):
-        i = c * chunk
-        omb, q, r, iq, iq1, inv_n, n = omb0, q0, r0, iq0, iq10, in0, beta_n[0]
-        while i < ends[c]:
-            if per_beta:
-                n = beta_n[i]
-                omb, q, r, iq, iq1, inv_n = _beta_consts(n)
-            vn, st, fill, ok = reverse_velocity(v[i], state[i], g[i], omb, n, q, r, iq, iq1,
-                                                inv_n, scale)
-            if not ok:
-                break
-            if fill:
-                word, h = stack_pop(words, np.int64(height[i]), i)
-                height[i] = np.int32(h)
-                st |= word
-            v[i] = vn
-            state[i] = st
-            i += 1
-        done[c] = i
+    n = v.shape[0]
+    for c in prange(first_fail.shape[0]):
+        lo, hi = c * chunk, min((c + 1) * chunk, n)
+        _reverse_loop(v[lo:hi], state[lo:hi], g[lo:hi], _part(beta_n, lo, hi), scale,
+                      status[lo:hi])
+        first_fail[c] = _pop_fills(status, state, height, words, lo, hi)
 
 
 #: Below this many parameters the serial kernels are used.

@@ -67,16 +67,15 @@ class EngineState(NamedTuple):
     words: np.ndarray
 
 
-def _chunk_ends(n):
-    n_chunks = -(-n // CHUNK)
-    size = -(-n // n_chunks)
-    return np.minimum(np.arange(1, n_chunks + 1, dtype=np.int64) * size, n)
+def _for_kernel(coef):
+    """A one-element coefficient as a scalar: the kernels compile a scalar version."""
+    return coef[0].item() if coef.shape[0] == 1 else coef
 
 
-def _first_failure(ends, done):
-    """Index of the first element a kernel refused, or -1."""
-    bad = np.flatnonzero(done < ends)
-    return int(done[bad[0]]) if bad.size else -1
+def _first(first_fail):
+    """The first failing index over all chunks, or -1."""
+    bad = first_fail[first_fail >= 0]
+    return int(bad.min()) if bad.size else -1
 
 
 class ReversibleMomentum:
@@ -107,9 +106,12 @@ class ReversibleMomentum:
         if n == 0:
             raise ValueError("x0 must hold at least one parameter")
         v0 = np.zeros(n) if v0 is None else self._vector(v0, "v0", n)
-        self._ends = _chunk_ends(n)
-        self._done = np.empty_like(self._ends)
-        self._top = np.empty_like(self._ends)
+        n_chunks = -(-n // CHUNK)
+        self._chunk = -(-n // n_chunks)
+        self._first_fail = np.empty(n_chunks, dtype=np.int64)
+        self._top = np.empty(n_chunks, dtype=np.int64)
+        self._status = np.zeros(n, dtype=np.uint8)  # all zero between calls
+        self._scratch = np.empty(n, dtype=np.uint16)
         self._x = self._fix(x0, "x0")
         self._v = self._fix(v0, "v0")
         self._coder = np.full(n, STATE_INIT, dtype=np.uint64)
@@ -216,9 +218,10 @@ class ReversibleMomentum:
 
     def _fix(self, values, name):
         out = np.empty(values.shape[0], dtype=np.int64)
-        k.to_fixed(values, self._scale, out, self._ends, self._done)
-        bad = _first_failure(self._ends, self._done)
+        k.to_fixed(values, self._scale, out, self._status, self._chunk, self._first_fail)
+        bad = _first(self._first_fail)
         if bad >= 0:
+            self._status.fill(0)
             self._raise_value(name, bad, values[bad])
         return out
 
@@ -230,7 +233,7 @@ class ReversibleMomentum:
             f"{self.frac_bits}, |x| and |v| must stay below 2**{FIXED_LIMIT_BITS - self.frac_bits}")
 
     def _coefficient(self, value, name, unit_interval=False):
-        """A scalar or per-parameter float64 coefficient as a 1- or N-element array."""
+        """A scalar or per-parameter float64 coefficient, validated (as a 1- or N-array)."""
         arr = np.asarray(value)
         if arr.dtype.kind not in "fiub":
             raise TypeError(f"{name} must be real, got dtype {arr.dtype}")
@@ -257,13 +260,17 @@ class ReversibleMomentum:
     def _gradient(self, g):
         return self._vector(g, "g", self.size)
 
-    def _kernel_failed(self, g, alpha, beta_n, stage):
-        """Turn a refused element into an exception naming it."""
-        i = _first_failure(self._ends, self._done)
+    def _kernel_failed(self, i, g, alpha, beta_n, stage):
+        """Turn a refused element into an exception naming it (after the rollback)."""
+        corrupt = self._status[i] == k.CORRUPT
+        self._status.fill(0)
+        if corrupt:
+            raise RuntimeError(f"internal error: the information buffer of parameter {i} "
+                               "is corrupt or was not grown")
         if g is not None and not np.isfinite(g[i]):
             raise FloatingPointError(f"g[{i}] = {g[i]} is not finite")
-        a = alpha[i if alpha.shape[0] > 1 else 0] if alpha is not None else None
-        b = None if beta_n is None else beta_n[i if beta_n.shape[0] > 1 else 0] / BETA_DENOM
+        a = None if alpha is None else (alpha[i] if np.ndim(alpha) else alpha)
+        b = None if beta_n is None else (beta_n[i] if np.ndim(beta_n) else beta_n) / BETA_DENOM
         raise OverflowError(
             f"{stage} overflows the fixed-point range at parameter {i} "
             f"(x={self._x[i] / self._scale!r}, v={self._v[i] / self._scale!r}"
@@ -287,19 +294,20 @@ class ReversibleMomentum:
             raise RuntimeError("unstep_position was called without its unstep_velocity; "
                                "finish the reverse step first")
         g = self._gradient(g)
-        alpha = self._coefficient(alpha, "alpha")
-        beta_n = beta_numerator(self._coefficient(beta, "beta", unit_interval=True))
+        alpha = _for_kernel(self._coefficient(alpha, "alpha"))
+        beta_n = _for_kernel(beta_numerator(self._coefficient(beta, "beta", unit_interval=True)))
         self._ensure_room()
         k.step(self._x, self._v, self._coder, self._height, self._words, g, alpha, beta_n,
-               self._scale, self._ends, self._done, self._top)
-        if _first_failure(self._ends, self._done) >= 0:
-            ends = self._done.copy()
-            k.position(self._x, self._v, alpha, -1, ends, self._done)
-            k.undecay(self._v, self._coder, self._height, self._words, g, beta_n, self._scale,
-                      ends, self._done)
-            self._done[:] = ends
-            self._kernel_failed(g, alpha, beta_n, "step")
+               self._scale, self._status, self._scratch, self._chunk, self._first_fail,
+               self._top)
         self._note_top()
+        bad = _first(self._first_fail)
+        if bad >= 0:  # undo the elements that were updated; the status marks the others
+            k.position(self._x, self._v, alpha, -1, self._status, self._chunk,
+                       self._first_fail)
+            k.undecay(self._v, self._coder, self._height, self._words, g, beta_n, self._scale,
+                      self._status, self._chunk, self._first_fail)
+            self._kernel_failed(bad, g, alpha, beta_n, "step")
         self._iterations += 1
 
     def unstep_position(self, alpha):
@@ -308,13 +316,12 @@ class ReversibleMomentum:
             raise RuntimeError("unstep_position called twice; call unstep_velocity first")
         if self._iterations <= 0:
             raise ValueError("no step left to undo: the engine is back at its first state")
-        alpha = self._coefficient(alpha, "alpha")
-        k.position(self._x, self._v, alpha, -1, self._ends, self._done)
-        if _first_failure(self._ends, self._done) >= 0:
-            ends = self._done.copy()
-            k.position(self._x, self._v, alpha, 1, ends, self._done)
-            self._done[:] = ends
-            self._kernel_failed(None, alpha, None, "unstep_position")
+        alpha = _for_kernel(self._coefficient(alpha, "alpha"))
+        k.position(self._x, self._v, alpha, -1, self._status, self._chunk, self._first_fail)
+        bad = _first(self._first_fail)
+        if bad >= 0:
+            k.position(self._x, self._v, alpha, 1, self._status, self._chunk, self._first_fail)
+            self._kernel_failed(bad, None, alpha, None, "unstep_position")
         self._position_undone = True
 
     def unstep_velocity(self, g, beta):
@@ -326,17 +333,16 @@ class ReversibleMomentum:
         if not self._position_undone:
             raise RuntimeError("unstep_velocity must follow unstep_position")
         g = self._gradient(g)
-        beta_n = beta_numerator(self._coefficient(beta, "beta", unit_interval=True))
+        beta_n = _for_kernel(beta_numerator(self._coefficient(beta, "beta", unit_interval=True)))
         self._ensure_room()
         k.undecay(self._v, self._coder, self._height, self._words, g, beta_n, self._scale,
-                  self._ends, self._done)
-        if _first_failure(self._ends, self._done) >= 0:
-            ends = self._done.copy()
+                  self._status, self._chunk, self._first_fail)
+        bad = _first(self._first_fail)
+        if bad >= 0:
             k.decay(self._v, self._coder, self._height, self._words, g, beta_n, self._scale,
-                    ends, self._done, self._top)
-            self._done[:] = ends
+                    self._status, self._scratch, self._chunk, self._first_fail, self._top)
             self._note_top()
-            self._kernel_failed(g, None, beta_n, "unstep_velocity")
+            self._kernel_failed(bad, g, None, beta_n, "unstep_velocity")
         self._position_undone = False
         self._iterations -= 1
 
