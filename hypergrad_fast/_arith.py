@@ -9,7 +9,8 @@ promotion in the simulator) turns a mixed int64/uint64 expression into float64.
 Three facts live here and nowhere else:
 
 * the fixed-point rounding rule (:func:`fixed_round`),
-* the information-buffer coding (:func:`push_symbol`, :func:`pop_uniform`, ...),
+* the information-buffer coding (:func:`forward_velocity`, :func:`reverse_velocity`,
+  :func:`stack_push`, :func:`stack_pop`),
 * the rational form of the decay ``beta = n / d`` (:data:`BETA_DENOM`).
 
 The information buffer is a range-ANS coder per parameter: a 64-bit state in
