@@ -11,8 +11,13 @@ from .engine import (
     effective_beta,
     information_bound,
 )
+from .gpu_engine import BatchedReversibleMomentum, gpu_available
+from .sgd import sgd
 
 __all__ = [
+    "BatchedReversibleMomentum",
+    "gpu_available",
+    "sgd",
     "EngineState",
     "ReversibleMomentum",
     "beta_numerator",

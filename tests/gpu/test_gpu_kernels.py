@@ -1,0 +1,287 @@
+"""The batched GPU engine against B CPU engines, bit for bit (see conftest.py for how this runs).
+
+Sizes are tiny: the simulator costs about 130 microseconds per thread.
+"""
+
+import numpy as np
+import pytest
+from numba import cuda
+
+from hypergrad_fast._arith import STATE_INIT
+from hypergrad_fast.engine import ReversibleMomentum
+from hypergrad_fast.gpu_engine import BatchedReversibleMomentum
+
+
+def _row(coef, b):
+    """Run b's share of a batched coefficient: what its CPU engine gets."""
+    coef = np.asarray(coef)
+    return coef.item() if coef.ndim == 0 else coef[b]
+
+
+def _schedules(rng, runs, n, steps):
+    """Per-step alphas and betas cycling through scalar, per-run and per-parameter layouts.
+
+    Betas span the whole range: 1 (no decay), tiny values clipped to 2 / 2**16
+    (16 bits a step, so the stacks grow fast), and everything between; alphas
+    include dyadic values, whose products with v hit rounding ties.
+    """
+    alphas = [0.5, rng.uniform(0.05, 0.6, runs), rng.uniform(0.05, 0.6, (runs, n)), 0.25,
+              np.array([0.125, 0.375, 0.5][:runs]), 0.3]
+    betas = [rng.uniform(0.5, 0.99, runs), 1e-4, rng.uniform(1e-6, 1.0, (runs, n)), 1.0, 0.9,
+             np.array([1e-3, 0.5, 1e-6][:runs])]
+    return ([alphas[t % len(alphas)] for t in range(steps)],
+            [betas[t % len(betas)] for t in range(steps)])
+
+
+def _gradient(x, t):
+    """A position-dependent gradient, as in training."""
+    return np.sin(3.0 * x + t) + 0.5 * x
+
+
+def _assert_same(gpu, cpus):
+    """The batched engine's state equals each run's CPU engine, bit for bit."""
+    s = gpu.state
+    assert s.words.shape[1:] == s.x.shape
+    for b, cpu in enumerate(cpus):
+        c = cpu.state
+        for field in ("x", "v", "coder", "height"):
+            np.testing.assert_array_equal(getattr(s, field)[b], getattr(c, field),
+                                          err_msg=f"{field} of run {b}")
+        rows = c.words.shape[0]
+        np.testing.assert_array_equal(s.words[:rows, b], c.words, err_msg=f"words of run {b}")
+    assert gpu.aux_bits == pytest.approx(sum(c.aux_bits for c in cpus), rel=1e-12)
+
+
+def _assert_state_equal(a, b):
+    for field in a._fields:
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+
+
+def _run_forward(gpu, cpus, alphas, betas, check=True):
+    gs = []
+    for t, (alpha, beta) in enumerate(zip(alphas, betas)):
+        g = _gradient(gpu.x, t)
+        gs.append(g)
+        gpu.step(g, alpha, beta)
+        for b, cpu in enumerate(cpus):
+            cpu.step(g[b], _row(alpha, b), _row(beta, b))
+        if check:
+            _assert_same(gpu, cpus)
+    return gs
+
+
+def _run_reverse(gpu, cpus, alphas, betas, gs, check=True):
+    for t in reversed(range(len(gs))):
+        gpu.unstep_position(alphas[t])
+        gpu.unstep_velocity(gs[t], betas[t])
+        for b, cpu in enumerate(cpus):
+            cpu.unstep_position(_row(alphas[t], b))
+            cpu.unstep_velocity(gs[t][b], _row(betas[t], b))
+        if check:
+            _assert_same(gpu, cpus)
+
+
+def _setup(seed, runs, n, frac_bits=52, v0=False):
+    rng = np.random.default_rng(seed)
+    x0 = rng.standard_normal((runs, n))
+    v0 = 0.1 * rng.standard_normal((runs, n)) if v0 else None
+    gpu = BatchedReversibleMomentum(x0, v0, frac_bits=frac_bits)
+    cpus = [ReversibleMomentum(x0[b], None if v0 is None else v0[b], frac_bits=frac_bits)
+            for b in range(runs)]
+    return rng, x0, gpu, cpus
+
+
+@pytest.mark.parametrize("seed, runs, n, frac_bits, v0, steps", [
+    (0, 3, 13, 52, False, 12),
+    (1, 2, 40, 30, True, 12),
+    (2, 3, 7, 52, True, 30),
+])
+def test_bit_identity_with_cpu_engine_forward_and_back(seed, runs, n, frac_bits, v0, steps):
+    rng, x0, gpu, cpus = _setup(seed, runs, n, frac_bits, v0)
+    start = gpu.state
+    _assert_same(gpu, cpus)
+    alphas, betas = _schedules(rng, runs, n, steps)
+    gs = _run_forward(gpu, cpus, alphas, betas)
+    assert gpu.iterations == steps
+    assert gpu.state.height.max() >= 2  # the word stacks were used (and grown)
+    _run_reverse(gpu, cpus, alphas, betas, gs)
+    assert gpu.iterations == 0
+    end = gpu.state
+    np.testing.assert_array_equal(end.x, start.x)
+    np.testing.assert_array_equal(end.v, start.v)
+    assert (end.coder == STATE_INIT).all() and (end.height == 0).all()
+    assert end.words.shape[0] == 0
+    if not v0:
+        np.testing.assert_array_equal(gpu.v, 0.0)
+    # and x is x0 as the engine first rounded it
+    np.testing.assert_array_equal(gpu.x, np.array([ReversibleMomentum(row, frac_bits=frac_bits).x
+                                                   for row in x0]))
+
+
+def test_device_inputs_match_host_inputs():
+    rng = np.random.default_rng(3)
+    runs, n = 2, 11
+    x0 = rng.standard_normal((runs, n))
+    host = BatchedReversibleMomentum(x0)
+    dev = BatchedReversibleMomentum(cuda.to_device(x0))
+    for t in range(4):
+        g = _gradient(host.x, t)
+        host.step(g, 0.4, np.array([0.2, 0.7]))
+        dev.step(cuda.to_device(g), 0.4, np.array([0.2, 0.7]))
+    _assert_state_equal(host.state, dev.state)
+
+
+def test_nan_gradient_names_element_and_rolls_back():
+    rng, x0, gpu, cpus = _setup(4, 3, 12)
+    alphas, betas = _schedules(rng, 3, 12, 5)
+    _run_forward(gpu, cpus, alphas[:4], betas[:4], check=False)
+    before = gpu.state
+    g = _gradient(gpu.x, 4)
+    g[2, 3] = np.nan
+    g[1, 5] = np.nan  # the smaller flat index is the one reported
+    with pytest.raises(FloatingPointError, match=r"g\[1, 5\] = nan is not finite"):
+        gpu.step(g, alphas[4], betas[4])
+    _assert_state_equal(gpu.state, before)
+    assert gpu.iterations == 4
+    # the engine goes on as if the failed call never happened
+    _run_forward(gpu, cpus, alphas[4:], betas[4:])
+
+
+def test_position_overflow_in_step_names_element_and_rolls_back():
+    rng, x0, gpu, cpus = _setup(5, 2, 10)
+    gpu.step(_gradient(gpu.x, 0), 0.5, 0.5)
+    before = gpu.state
+    alpha = np.full((2, 10), 0.5)
+    alpha[1, 7] = 1e30
+    with pytest.raises(OverflowError, match=r"step overflows the fixed-point range at run 1, "
+                                            r"parameter 7 .*alpha=1e\+30, beta=0\.5\)"):
+        gpu.step(_gradient(gpu.x, 1), alpha, 0.5)
+    _assert_state_equal(gpu.state, before)
+
+
+def test_reverse_failures_roll_back_then_reverse_recovers_x0():
+    steps = 8
+    rng, x0, gpu, cpus = _setup(6, 3, 9)
+    start = gpu.state
+    alphas, betas = _schedules(rng, 3, 9, steps)
+    gs = _run_forward(gpu, cpus, alphas, betas, check=False)
+    before = gpu.state
+    assert before.height.max() >= 1
+
+    big = np.full((3, 9), 1e30)
+    with pytest.raises(OverflowError, match=r"unstep_position overflows .* at run 0, parameter 0"):
+        gpu.unstep_position(big)
+    _assert_state_equal(gpu.state, before)
+
+    gpu.unstep_position(alphas[-1])
+    after_position = gpu.state
+    g = gs[-1].copy()
+    g[2, 4] = np.inf
+    with pytest.raises(FloatingPointError, match=r"g\[2, 4\] = inf is not finite"):
+        gpu.unstep_velocity(g, betas[-1])
+    # the masked decay re-pushed exactly the words the others had popped
+    _assert_state_equal(gpu.state, after_position)
+    gpu.unstep_velocity(gs[-1], betas[-1])
+
+    for cpu, b in zip(cpus, range(3)):
+        cpu.unstep_position(_row(alphas[-1], b))
+        cpu.unstep_velocity(gs[-1][b], _row(betas[-1], b))
+    _assert_same(gpu, cpus)
+    _run_reverse(gpu, cpus, alphas[:-1], betas[:-1], gs[:-1], check=False)
+    _assert_state_equal(gpu.state, start)
+
+
+def test_reserve_sizes_the_stacks_once():
+    steps = 10
+    rng, x0, gpu, cpus = _setup(7, 2, 8)
+    betas = [1e-5, np.array([0.01, 0.5]), 1e-5, 0.2, 1e-5] * 2
+    gpu.reserve(steps, np.array([np.broadcast_to(b, (2,)) for b in betas]))
+    reserved = gpu.aux_nbytes
+    assert reserved > 0
+    for t in range(steps):
+        gpu.step(_gradient(gpu.x, t), 0.3, betas[t])
+    assert gpu.aux_nbytes == reserved
+    assert gpu.state.height.max() >= 5
+
+
+def test_validation_messages():
+    rng, x0, gpu, cpus = _setup(8, 2, 5)
+    g = np.zeros((2, 5))
+    with pytest.raises(ValueError, match=r"alpha must be a scalar or have shape \(2,\) or "
+                                         r"\(2, 5\), got shape \(5,\)"):
+        gpu.step(g, np.ones(5), 0.5)
+    with pytest.raises(ValueError, match=r"beta\[1\] = 0.0 is outside \(0, 1\]"):
+        gpu.step(g, 0.1, np.array([0.5, 0.0]))
+    bad = np.ones((2, 5))
+    bad[0, 3] = np.nan
+    with pytest.raises(FloatingPointError, match=r"alpha\[0, 3\] = nan is not finite"):
+        gpu.step(g, bad, 0.5)
+    with pytest.raises(ValueError, match=r"g has shape \(5,\), expected \(2, 5\)"):
+        gpu.step(np.zeros(5), 0.1, 0.5)
+    with pytest.raises(TypeError, match="g must be a real numeric array"):
+        gpu.step(np.array([["a"] * 5] * 2), 0.1, 0.5)
+    with pytest.raises(TypeError, match="g on the device must be float64"):
+        gpu.step(cuda.to_device(np.zeros((2, 5), np.float32)), 0.1, 0.5)
+    with pytest.raises(ValueError, match="no step left to undo"):
+        gpu.unstep_position(0.1)
+    with pytest.raises(RuntimeError, match="unstep_velocity must follow unstep_position"):
+        gpu.unstep_velocity(g, 0.5)
+    with pytest.raises(ValueError, match=r"x0 must be a 2-D array \(runs, parameters\)"):
+        BatchedReversibleMomentum(np.zeros(3))
+    x_bad = np.zeros((2, 3))
+    x_bad[1, 2] = np.nan
+    with pytest.raises(FloatingPointError, match=r"x0\[1, 2\] = nan is not finite"):
+        BatchedReversibleMomentum(x_bad)
+    with pytest.raises(OverflowError, match=r"v0\[0, 1\] = 10000000000.0 leaves the "
+                                            r"fixed-point range: with frac_bits=52"):
+        BatchedReversibleMomentum(np.zeros((2, 3)), np.array([[0, 1e10, 0], [0, 0, 0]]))
+    with pytest.raises(ValueError, match="frac_bits must be an integer"):
+        BatchedReversibleMomentum(np.zeros((2, 3)), frac_bits=61)
+    assert gpu.iterations == 0
+    _assert_same(gpu, cpus)
+
+
+def test_full_stack_is_refused_without_touching_the_element(monkeypatch):
+    """A push into a stack with no room left fails cleanly: nothing is written, all undone."""
+    rng, x0, gpu, cpus = _setup(9, 2, 6)
+    monkeypatch.setattr(gpu, "_ensure_room", lambda: None)  # never grow: no rows at all
+    with pytest.raises(RuntimeError, match=r"internal error: the information buffer of run \d, "
+                                           r"parameter \d is corrupt or was not grown"):
+        for t in range(8):  # 16 bits a step: the first spill comes within a few steps
+            before, steps = gpu.state, gpu.iterations
+            gpu.step(_gradient(gpu.x, t), 0.3, 1e-6)
+    _assert_state_equal(gpu.state, before)
+    assert gpu.iterations == steps
+
+
+def test_step_after_overdrawn_buffer_is_refused_and_changes_nothing():
+    # Undoing with a smaller beta than the step used is a misuse, but a legal call:
+    # it takes more bits than the step stored, borrowing zero words (height -3).
+    gpu = BatchedReversibleMomentum(np.zeros((2, 1)))
+    for _ in range(3):
+        gpu.step(np.zeros((2, 1)), 0.0, 1.0)
+    for _ in range(3):
+        gpu.unstep_position(0.0)
+        gpu.unstep_velocity(np.zeros((2, 1)), 1e-9)
+    assert (gpu.state.height == -3).all()
+    rng = np.random.default_rng(1)
+    for _ in range(200):  # the first word pushed below the bottom that is not 0
+        before = gpu.state
+        try:
+            gpu.step(rng.standard_normal((2, 1)), 0.01, 0.5)
+        except RuntimeError as exc:
+            assert "is overdrawn (height -" in str(exc)
+            _assert_state_equal(gpu.state, before)
+            return
+    raise AssertionError("no step was refused")
+
+
+def test_device_views_of_x_and_v_equal_the_host_copies():
+    rng, x0, gpu, cpus = _setup(10, 2, 9, v0=True)
+    gpu.step(_gradient(gpu.x, 0), 0.3, 0.7)
+    np.testing.assert_array_equal(gpu.x_device().copy_to_host(), gpu.x)
+    out = cuda.device_array((2, 9))
+    assert gpu.v_device(out) is out
+    np.testing.assert_array_equal(out.copy_to_host(), gpu.v)
+    with pytest.raises(ValueError, match="must be a C-contiguous float64 device array"):
+        gpu.x_device(cuda.device_array((9, 2)))
