@@ -39,9 +39,11 @@ from ._arith import (
 
 #: Status byte values.
 OK = np.uint8(0)
-FAIL = np.uint8(1)
-STACK = np.uint8(2)
-CORRUPT = np.uint8(4)
+FAIL = np.uint8(1)  # non-finite input or fixed-point overflow; element untouched
+STACK = np.uint8(2)  # done, but a word must still move to or from the stack
+CORRUPT = np.uint8(4)  # a nonzero word must go below the bottom of an overdrawn stack
+ROOM = np.uint8(8)  # the stack's column is full: grow the word array and retry
+SKIP = np.uint8(16)  # already done: skipped by a retry
 
 _NO_HEIGHT = np.int64(-(1 << 62))
 _NO_INDEX = np.int64(-1)
@@ -74,9 +76,13 @@ def _part_overload(coef, lo, hi):
 
 
 @njit(cache=True, inline="always")
-def _status(good, stack):
-    """FAIL, STACK or OK, computed without branches."""
-    return np.uint8(np.int64(not good) | (np.int64(good & stack) << 1))
+def _status(before, ok, stack):
+    """The new status byte, computed with selects (no branches).
+
+    An element whose status was not OK on entry was skipped and keeps it.
+    """
+    new = np.uint8(np.int64(not ok) | (np.int64(ok & stack) << 1))
+    return new if before == OK else before
 
 
 # The element loops below run on one chunk's slices: LLVM vectorises a loop over
@@ -88,27 +94,36 @@ def _fix_loop(values, scale, out, status):
     for i in range(values.shape[0]):
         value, ok = gradient_term(1.0, values[i], scale)
         out[i] = value
-        status[i] = _status(ok, False)
+        status[i] = _status(OK, ok, False)
         n_bad += not ok
     return n_bad
 
 
 @njit(cache=True)
-def _forward_loop(x, v, state, g, alpha, beta_n, scale, status, scratch, move_x):
+def _forward_loop(x, v, state, height, rows, g, alpha, beta_n, scale, status, scratch,
+                  move_x):
     for i in range(v.shape[0]):
         b = _at(beta_n, i)
         omb, q, r, iq, iq1, _ = beta_constants(b)
         vn, st, word, spill, ok = forward_velocity(v[i], state[i], g[i], omb, b, q, r, iq,
                                                    iq1, scale)
-        good = ok & (status[i] == OK)
         if move_x:
             xn, ok_x = move_position(x[i], vn, _at(alpha, i), 1)
-            good &= ok_x
+            ok &= ok_x
+        # A spilled word needs a free row, or a zero word below an overdrawn stack.
+        h = height[i]
+        full = spill & (h >= rows)
+        overdrawn = spill & (h < 0) & (word != 0)
+        before = status[i]
+        good = ok & (before == OK) & (not full) & (not overdrawn)
+        if move_x:
             x[i] = xn if good else x[i]
         v[i] = vn if good else v[i]
         state[i] = st if good else state[i]
         scratch[i] = np.uint16(word)
-        status[i] = _status(good, spill)
+        new = ROOM if full else (CORRUPT if overdrawn else (STACK if spill else OK))
+        new = new if ok else FAIL
+        status[i] = new if before == OK else before
 
 
 @njit(cache=True)
@@ -116,9 +131,10 @@ def _position_loop(x, v, alpha, sign, status):
     n_bad = 0
     for i in range(x.shape[0]):
         xn, ok = move_position(x[i], v[i], _at(alpha, i), sign)
-        good = ok & (status[i] == OK)
+        before = status[i]
+        good = ok & (before == OK)
         x[i] = xn if good else x[i]
-        status[i] = _status(good, False)
+        status[i] = _status(before, ok, False)
         n_bad += not good
     return n_bad
 
@@ -130,16 +146,17 @@ def _reverse_loop(v, state, g, beta_n, scale, status):
         omb, q, r, iq, iq1, inv_n = beta_constants(b)
         vn, st, fill, ok = reverse_velocity(v[i], state[i], g[i], omb, b, q, r, iq, iq1,
                                             inv_n, scale)
-        good = ok & (status[i] == OK)
+        before = status[i]
+        good = ok & (before == OK)
         v[i] = vn if good else v[i]
         state[i] = st if good else state[i]
-        status[i] = _status(good, fill)
+        status[i] = _status(before, ok, fill)
 
 
 @njit(cache=True)
 def _first_failure(status, lo, hi):
     for i in range(lo, hi):
-        if status[i] != OK:
+        if status[i] != OK and status[i] != SKIP:
             return np.int64(i)
     return _NO_INDEX
 
@@ -154,13 +171,13 @@ def _push_spills(status, scratch, height, words, lo, hi):
     h_top = _NO_HEIGHT
     for i in range(lo, hi):
         s = status[i]
-        if s == STACK:
-            h, ok = stack_push(words, np.int64(height[i]), i, scratch[i])
+        if s == STACK:  # room was checked by the first loop
+            h, _ = stack_push(words, np.int64(height[i]), i, scratch[i])
             height[i] = np.int32(h)
             h_top = max(h_top, h)
-            s = OK if ok else CORRUPT
+            s = OK
             status[i] = s
-        if s != OK and first < 0:
+        if s != OK and s != SKIP and first < 0:
             first = np.int64(i)
     return first, h_top
 
@@ -196,8 +213,9 @@ def _step(x, v, state, height, words, g, alpha, beta_n, scale, status, scratch, 
     n = x.shape[0]
     for c in prange(first_fail.shape[0]):
         lo, hi = c * chunk, min((c + 1) * chunk, n)
-        _forward_loop(x[lo:hi], v[lo:hi], state[lo:hi], g[lo:hi], _part(alpha, lo, hi),
-                      _part(beta_n, lo, hi), scale, status[lo:hi], scratch[lo:hi], True)
+        _forward_loop(x[lo:hi], v[lo:hi], state[lo:hi], height[lo:hi], words.shape[0],
+                      g[lo:hi], _part(alpha, lo, hi), _part(beta_n, lo, hi), scale,
+                      status[lo:hi], scratch[lo:hi], True)
         first_fail[c], top[c] = _push_spills(status, scratch, height, words, lo, hi)
 
 
@@ -216,8 +234,9 @@ def _decay(v, state, height, words, g, beta_n, scale, status, scratch, chunk, fi
     n = v.shape[0]
     for c in prange(first_fail.shape[0]):
         lo, hi = c * chunk, min((c + 1) * chunk, n)
-        _forward_loop(v[lo:hi], v[lo:hi], state[lo:hi], g[lo:hi], 0.0,
-                      _part(beta_n, lo, hi), scale, status[lo:hi], scratch[lo:hi], False)
+        _forward_loop(v[lo:hi], v[lo:hi], state[lo:hi], height[lo:hi], words.shape[0],
+                      g[lo:hi], 0.0, _part(beta_n, lo, hi), scale, status[lo:hi],
+                      scratch[lo:hi], False)
         first_fail[c], top[c] = _push_spills(status, scratch, height, words, lo, hi)
 
 

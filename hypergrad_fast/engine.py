@@ -183,8 +183,10 @@ class ReversibleMomentum:
             per_param = bits.sum(axis=0)
         else:
             per_param = bits * iterations
-        held_bits = self.aux_bits / self.size
-        rows = int(np.ceil((held_bits + np.max(per_param)) / WORD_BITS)) + 2
+        # The fullest stack decides: stacks fill at different rates with per-parameter betas.
+        held = WORD_BITS * self._height + np.log2(self._coder.astype(np.float64)) \
+            - STATE_LOW_BITS
+        rows = int(np.ceil((held.max() + np.max(per_param)) / WORD_BITS)) + 2
         self._grow(rows)
 
     def _grow(self, rows):
@@ -197,12 +199,29 @@ class ReversibleMomentum:
             return
         self._words.resize((rows, self.size), refcheck=False)
 
-    def _ensure_room(self):
-        """Room for one more word on every stack, growing by 1/16 at a time."""
-        need = self._top_height + 1
+    def _forward(self, kernel, *args):
+        """Run a kernel that may push words; grow the word array when a column is full.
+
+        Elements that found their column full were left untouched (status ROOM):
+        after growing by at least one row (1/16 of the rows at a time) the kernel
+        runs again on them alone, the others being marked SKIP.  Growing only when
+        a word has nowhere to go keeps the allocation within a row of what is held.
+        """
+        kernel(*args)
+        self._note_top()
+        if _first(self._first_fail) < 0:
+            return
+        status = self._status
+        room = status == k.ROOM
+        if not room.any():
+            return
         have = self._words.shape[0]
-        if need > have:
-            self._grow(max(need, have + have // 16))
+        self._grow(max(have + 1, have + have // 16))
+        status[status == k.OK] = k.SKIP
+        status[room] = k.OK
+        kernel(*args)
+        self._note_top()
+        status[status == k.SKIP] = k.OK
 
     # ----------------------------------------------------------------- validation
     def _vector(self, a, name, n):
@@ -227,9 +246,9 @@ class ReversibleMomentum:
 
     def _raise_value(self, name, index, value):
         if not np.isfinite(value):
-            raise FloatingPointError(f"{name}[{index}] = {value} is not finite")
+            raise FloatingPointError(f"{name}[{index}] = {float(value)} is not finite")
         raise OverflowError(
-            f"{name}[{index}] = {value!r} leaves the fixed-point range: with frac_bits="
+            f"{name}[{index}] = {float(value)!r} leaves the fixed-point range: with frac_bits="
             f"{self.frac_bits}, |x| and |v| must stay below 2**{FIXED_LIMIT_BITS - self.frac_bits}")
 
     def _coefficient(self, value, name, unit_interval=False):
@@ -265,18 +284,21 @@ class ReversibleMomentum:
         corrupt = self._status[i] == k.CORRUPT
         self._status.fill(0)
         if corrupt:
-            raise RuntimeError(f"internal error: the information buffer of parameter {i} "
-                               "is corrupt or was not grown")
+            raise RuntimeError(
+                f"{stage} refused: the information buffer of parameter {i} was overdrawn "
+                "(reverse steps popped more than forward steps pushed, e.g. undoing a step "
+                "with another beta or gradient than it was taken with), so this step "
+                "cannot be stored exactly")
         if g is not None and not np.isfinite(g[i]):
-            raise FloatingPointError(f"g[{i}] = {g[i]} is not finite")
+            raise FloatingPointError(f"g[{i}] = {float(g[i])} is not finite")
         a = None if alpha is None else (alpha[i] if np.ndim(alpha) else alpha)
         b = None if beta_n is None else (beta_n[i] if np.ndim(beta_n) else beta_n) / BETA_DENOM
         raise OverflowError(
             f"{stage} overflows the fixed-point range at parameter {i} "
-            f"(x={self._x[i] / self._scale!r}, v={self._v[i] / self._scale!r}"
-            + ("" if g is None else f", g={g[i]!r}")
-            + ("" if a is None else f", alpha={a!r}")
-            + ("" if b is None else f", beta={b!r}")
+            f"(x={float(self._x[i] / self._scale)!r}, v={float(self._v[i] / self._scale)!r}"
+            + ("" if g is None else f", g={float(g[i])!r}")
+            + ("" if a is None else f", alpha={float(a)!r}")
+            + ("" if b is None else f", beta={float(b)!r}")
             + f"); with frac_bits={self.frac_bits}, |x| and |v| must stay below "
               f"2**{FIXED_LIMIT_BITS - self.frac_bits}")
 
@@ -296,11 +318,9 @@ class ReversibleMomentum:
         g = self._gradient(g)
         alpha = _for_kernel(self._coefficient(alpha, "alpha"))
         beta_n = _for_kernel(beta_numerator(self._coefficient(beta, "beta", unit_interval=True)))
-        self._ensure_room()
-        k.step(self._x, self._v, self._coder, self._height, self._words, g, alpha, beta_n,
-               self._scale, self._status, self._scratch, self._chunk, self._first_fail,
-               self._top)
-        self._note_top()
+        self._forward(k.step, self._x, self._v, self._coder, self._height, self._words, g,
+                      alpha, beta_n, self._scale, self._status, self._scratch, self._chunk,
+                      self._first_fail, self._top)
         bad = _first(self._first_fail)
         if bad >= 0:  # undo the elements that were updated; the status marks the others
             k.position(self._x, self._v, alpha, -1, self._status, self._chunk,
@@ -334,7 +354,6 @@ class ReversibleMomentum:
             raise RuntimeError("unstep_velocity must follow unstep_position")
         g = self._gradient(g)
         beta_n = _for_kernel(beta_numerator(self._coefficient(beta, "beta", unit_interval=True)))
-        self._ensure_room()
         k.undecay(self._v, self._coder, self._height, self._words, g, beta_n, self._scale,
                   self._status, self._chunk, self._first_fail)
         bad = _first(self._first_fail)
