@@ -18,7 +18,9 @@ Sections (append new references at the end, each self-contained):
 import math
 from fractions import Fraction
 
+import autograd.numpy as anp
 import numpy as np
+from autograd import grad
 
 #: beta is held as n / BETA_DENOM (Maclaurin et al. store it as a rational n / d).
 BETA_DENOM = 1 << 16
@@ -261,3 +263,23 @@ def run_reverse(engine, grad, alphas, betas, check=None):
         engine.unstep_velocity(grad(engine.x, t), betas[t])
         if check is not None:
             check(engine, t)
+
+
+# ------------------------------------------------------------ 6. unrolled hypergradients
+#
+# autograd straight through an unrolled float64 loop of the same recursion as
+# ``hypergrad_fast.sgd``: it stores every iterate (memory linear in T) and is
+# obviously correct.  Pass effective betas to compare with ``sgd``.
+
+
+def unrolled_sgd(loss, x0, alphas, betas, meta=None, *, groups=None):
+    """x_T by the plain loop; differentiable in every argument by autograd."""
+    loss_grad = grad(loss)
+    x, v = x0, anp.zeros(x0.shape[0])
+    for t in range(alphas.shape[0]):
+        g = loss_grad(x, meta, t)
+        a = alphas[t] if anp.ndim(alphas[t]) == 0 else alphas[t][groups]
+        b = betas[t] if anp.ndim(betas[t]) == 0 else betas[t][groups]
+        v = b * v - (1.0 - b) * g
+        x = x + a * v
+    return x

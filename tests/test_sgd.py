@@ -9,7 +9,7 @@ from hypergrad_fast import effective_beta
 from hypergrad_fast.models import LogisticRegression, MLP, make_train_loss
 from hypergrad_fast.sgd import SgdRecovery, sgd
 
-from naive_sgd import unrolled_sgd
+from naive import unrolled_sgd
 
 RTOL = 1e-6
 
