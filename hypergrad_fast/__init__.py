@@ -13,11 +13,14 @@ from .engine import (
 )
 from .gpu_engine import BatchedReversibleMomentum, gpu_available
 from .sgd import sgd
+from .sweep import SweepResult, sweep
 
 __all__ = [
     "BatchedReversibleMomentum",
     "gpu_available",
     "sgd",
+    "sweep",
+    "SweepResult",
     "EngineState",
     "ReversibleMomentum",
     "beta_numerator",
