@@ -21,6 +21,10 @@
     and reversed to the exact starting point: on the GPU, batched, with the
     gradient computed on the device by the numba.cuda kernels below; and on the
     CPU, one setting after another with the CPU engine and a NumPy gradient.
+(d) The same B=256 settings through ``hypergrad_fast.sweep``: value and all
+    hypergradients (learning rates, momenta, init scales, L2) with
+    ``device="cuda"`` for the whole batch, against ``device="cpu"`` run one
+    setting at a time (a few settings timed, scaled up to B).
 
 Exit status: 0 when every check passed, 1 when one failed, 2 without a GPU.
 Nothing here is named ``time_*`` or ``track_*``: asv would take it for a benchmark.
@@ -380,6 +384,39 @@ def logreg_cpu(problem, n_in, n_out, steps, max_runs=None):
     return time.perf_counter() - t0, exact, runs
 
 
+def sweep_times(problem, n_in, n_out, steps, cpu_runs):
+    """Hypergradients of all settings by ``sweep``: (gpu seconds, cpu seconds scaled, agree)."""
+    from hypergrad_fast import sweep
+    from hypergrad_fast.models import LogisticRegression
+
+    inputs, targets, batches, x0, alphas, betas, l2 = problem
+    runs = x0.shape[0]
+    model = LogisticRegression(n_in, n_out)
+    split = len(inputs) * 4 // 5
+    data = ((inputs[:split], targets[:split]), (inputs[split:], targets[split:]))
+    a = np.broadcast_to(np.asarray(alphas, dtype=float).reshape(runs, 1), (runs, steps))
+    b = np.broadcast_to(np.asarray(betas, dtype=float).reshape(runs, 1), (runs, steps))
+    log_l2 = np.log(np.broadcast_to(np.asarray(l2, dtype=float).reshape(runs, 1),
+                                    (runs, model.layout.n_groups)))
+    kw = dict(batch_size=batches.shape[1], log_init_scales=-3.0)
+    sweep(model, data, a[:2, :1], b[:2, :1], meta=log_l2[:2], device="cuda", **kw)  # compile
+    cuda.synchronize()
+    t0 = time.perf_counter()
+    gpu = sweep(model, data, a, b, meta=log_l2, device="cuda", **kw)
+    cuda.synchronize()
+    gpu_s = time.perf_counter() - t0
+    done = min(cpu_runs or 4, runs)
+    sweep(model, data, a[:1, :1], b[:1, :1], meta=log_l2[:1], device="cpu", **kw)  # compile
+    t0 = time.perf_counter()
+    agree = True
+    for k in range(done):
+        cpu = sweep(model, data, a[k:k + 1], b[k:k + 1], meta=log_l2[k:k + 1], device="cpu",
+                    **kw)
+        agree &= bool(np.allclose(cpu.d_alphas[0], gpu.d_alphas[k], rtol=1e-6, atol=1e-12))
+    cpu_s = (time.perf_counter() - t0) * runs / done
+    return gpu_s, cpu_s, agree, done
+
+
 # ----------------------------------------------------------------------------- main
 def _table(rows):
     widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
@@ -448,6 +485,16 @@ def main(argv=None):
                  f"{done} runs timed" + ("" if done == lr["runs"] else ", scaled up")
                  + f"; back to x0 exactly: {cpu_exact}"))
     rows.append(("(c) speed-up", "", f"{cpu_total / gpu_s:.1f}x", "CPU time / GPU time"))
+
+    sw_gpu, sw_cpu, sw_agree, sw_done = sweep_times(problem, lr["n_in"], lr["n_out"],
+                                                    lr["steps"], args.cpu_runs)
+    failed |= not sw_agree
+    rows.append(("(d) sweep hypergradients GPU", setting_c, f"{sw_gpu:.2f} s",
+                 "device='cuda', whole batch"))
+    rows.append(("(d) sweep hypergradients CPU", setting_c, f"{sw_cpu:.2f} s",
+                 f"device='cpu', one at a time ({sw_done} timed, scaled); "
+                 f"d_alphas agree to 1e-6: {sw_agree}"))
+    rows.append(("(d) speed-up", "", f"{sw_cpu / sw_gpu:.1f}x", "CPU time / GPU time"))
 
     # the PTX of the step kernels must hold no contracted multiply-add (see _gpu_kernels)
     if not cuda.config.ENABLE_CUDASIM:
