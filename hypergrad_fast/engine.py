@@ -186,7 +186,10 @@ class ReversibleMomentum:
         # The fullest stack decides: stacks fill at different rates with per-parameter betas.
         held = WORD_BITS * self._height + np.log2(self._coder.astype(np.float64)) \
             - STATE_LOW_BITS
-        rows = int(np.ceil((held.max() + np.max(per_param)) / WORD_BITS)) + 2
+        # A stack of h words and a state holding s in [0, 16) bits hold 16 h + s bits, so
+        # the height reached is floor(bits / 16); one bit of slack covers the coder's
+        # small per-parameter deviations from the bound.
+        rows = int(np.floor((held.max() + np.max(per_param) + 1.0) / WORD_BITS))
         self._grow(rows)
 
     def _grow(self, rows):

@@ -1,0 +1,1 @@
+"""asv benchmarks and the stand-alone report (python -m bench.report) of hypergrad_fast."""
