@@ -203,10 +203,16 @@ def uniform_code(n):
     """Frequencies for a uniform digit in [0, n): (q, r), 2**32 = q * n + r.
 
     The first r digits get frequency q + 1 and the others q, so the frequencies
-    sum to exactly 2**32.
+    sum to exactly 2**32.  The division goes through float64 with an integer
+    correction: a hardware integer division per element would stop the kernels'
+    loops from vectorising when beta differs per parameter.
     """
-    q = _U_PREC_TOTAL // n
-    return q, _U_PREC_TOTAL - q * n
+    total = np.int64(1 << PREC_BITS)
+    ni = np.int64(n)
+    q = np.int64(np.float64(total) / np.float64(ni))
+    r = total - q * ni
+    q = q - _I_ONE if r < _I_ZERO else (q + _I_ONE if r >= ni else q)
+    return np.uint64(q), np.uint64(total - q * ni)
 
 
 @register_jitable(inline="always")

@@ -137,8 +137,12 @@ def _forward(x0, alphas, betas, meta, run):
     return eng.x
 
 
-def _reverse(run, alphas, betas, meta, d_x):
-    """Algorithm 2: undo the run exactly and accumulate all hypergradients."""
+def _reverse(run, alphas, betas, meta, d_x, need_meta=True):
+    """Algorithm 2: undo the run exactly and accumulate all hypergradients.
+
+    Without ``need_meta`` the Hessian-vector products are taken in x alone, which
+    skips the work of differentiating the loss in its meta inputs.
+    """
     eng, loss, groups = run.engine, run.loss, run.groups
     if eng is None:
         raise RuntimeError("this sgd run was already reversed; call sgd again")
@@ -159,12 +163,18 @@ def _reverse(run, alphas, betas, meta, d_x):
         _accumulate(d_alphas, t, d_x * v_next, groups)
         eng.unstep_position(alpha)
         d_v += alpha * d_x
-        hvp, g = make_vjp(lambda xm: grad(loss)(xm[0], xm[1], t))((eng.x, meta))
+        if need_meta:
+            hvp, g = make_vjp(lambda xm: grad(loss)(xm[0], xm[1], t))((eng.x, meta))
+        else:
+            hvp, g = make_vjp(lambda x: grad(loss)(x, meta, t))(eng.x)
         eng.unstep_velocity(g, _per_param(betas[t], groups))
         _accumulate(d_betas, t, d_v * (eng.v + g), groups)
-        h_x, h_meta = hvp(-(1.0 - beta_eff) * d_v)
+        if need_meta:
+            h_x, h_meta = hvp(-(1.0 - beta_eff) * d_v)
+            d_meta = meta_space.add(d_meta, h_meta)
+        else:
+            h_x = hvp(-(1.0 - beta_eff) * d_v)
         d_x += h_x
-        d_meta = meta_space.add(d_meta, h_meta)
         d_v *= beta_eff
     state = eng.state
     if not (np.array_equal(state.x, run.x0_fixed) and not state.v.any()):
@@ -190,7 +200,7 @@ def _sgd_vjp_maker(argnums, ans, args, kwargs):
     _, alphas, betas, meta, run = args
 
     def vjp(g):
-        grads = _reverse(run, alphas, betas, meta, g)
+        grads = _reverse(run, alphas, betas, meta, g, need_meta=3 in argnums)
         return tuple(grads[i] for i in argnums)
 
     return vjp
