@@ -72,7 +72,43 @@ def _part(coef, lo, hi):
 def _part_overload(coef, lo, hi):
     if isinstance(coef, nbtypes.Array):
         return lambda coef, lo, hi: coef[lo:hi]
+    if isinstance(coef, nbtypes.BaseTuple):  # a per-parameter table of beta constants
+        return lambda coef, lo, hi: (coef[0][lo:hi], coef[1][lo:hi], coef[2][lo:hi],
+                                     coef[3][lo:hi], coef[4][lo:hi], coef[5][lo:hi],
+                                     coef[6][lo:hi])
     return lambda coef, lo, hi: coef
+
+
+def _beta_at(beta, i):
+    """(n, 1 - beta, q, r, 1/q, 1/(q+1), 1/n) of parameter i."""
+
+
+@overload(_beta_at, inline="always")
+def _beta_at_overload(beta, i):
+    # A scalar numerator: the constants are loop-invariant and computed once.  A
+    # per-parameter table (see beta_table): loads, since a division per element would
+    # cost more than the step itself.
+    if isinstance(beta, nbtypes.BaseTuple):
+        return lambda beta, i: (beta[0][i], beta[1][i], beta[2][i], beta[3][i], beta[4][i],
+                                beta[5][i], beta[6][i])
+    return lambda beta, i: (np.int64(beta),) + beta_constants(beta)
+
+
+@njit(cache=True)
+def beta_table(beta_n):
+    """Per-parameter beta constants, (n, 1 - beta, q, r, 1/q, 1/(q+1), 1/n) arrays.
+
+    Computed by :func:`._arith.beta_constants` itself, so a table gives the kernels
+    exactly the values they would compute per element.
+    """
+    size = beta_n.shape[0]
+    omb, inv_q, inv_q1, inv_n = (np.empty(size), np.empty(size), np.empty(size),
+                                 np.empty(size))
+    q = np.empty(size, dtype=np.uint64)
+    r = np.empty(size, dtype=np.uint64)
+    for i in range(size):
+        omb[i], q[i], r[i], inv_q[i], inv_q1[i], inv_n[i] = beta_constants(beta_n[i])
+    return (beta_n.astype(np.int64), omb, q, r, inv_q, inv_q1, inv_n)
 
 
 @njit(cache=True, inline="always")
@@ -103,8 +139,7 @@ def _fix_loop(values, scale, out, status):
 def _forward_loop(x, v, state, height, rows, g, alpha, beta_n, scale, status, scratch,
                   move_x):
     for i in range(v.shape[0]):
-        b = _at(beta_n, i)
-        omb, q, r, iq, iq1, _ = beta_constants(b)
+        b, omb, q, r, iq, iq1, _ = _beta_at(beta_n, i)
         vn, st, word, spill, ok = forward_velocity(v[i], state[i], g[i], omb, b, q, r, iq,
                                                    iq1, scale)
         if move_x:
@@ -142,8 +177,7 @@ def _position_loop(x, v, alpha, sign, status):
 @njit(cache=True)
 def _reverse_loop(v, state, g, beta_n, scale, status):
     for i in range(v.shape[0]):
-        b = _at(beta_n, i)
-        omb, q, r, iq, iq1, inv_n = beta_constants(b)
+        b, omb, q, r, iq, iq1, inv_n = _beta_at(beta_n, i)
         vn, st, fill, ok = reverse_velocity(v[i], state[i], g[i], omb, b, q, r, iq, iq1,
                                             inv_n, scale)
         before = status[i]
@@ -165,20 +199,26 @@ def _first_failure(status, lo, hi):
 def _push_spills(status, scratch, height, words, lo, hi):
     """Second loop of the forward kernels: push the spilled words.
 
-    Returns (first failing index, highest stack) of the chunk.
+    Returns (first failing index, highest stack) of the chunk.  The status bytes are
+    scanned eight at a time (the array is padded to a multiple of 8 and chunks
+    start at multiples of 8): most are zero.
     """
     first = _NO_INDEX
     h_top = _NO_HEIGHT
-    for i in range(lo, hi):
-        s = status[i]
-        if s == STACK:  # room was checked by the first loop
-            h, _ = stack_push(words, np.int64(height[i]), i, scratch[i])
-            height[i] = np.int32(h)
-            h_top = max(h_top, h)
-            s = OK
-            status[i] = s
-        if s != OK and s != SKIP and first < 0:
-            first = np.int64(i)
+    packed = status.view(np.uint64)
+    for w in range(lo >> 3, (hi + 7) >> 3):
+        if packed[w] == 0:
+            continue
+        for i in range(w << 3, min((w << 3) + 8, hi)):
+            s = status[i]
+            if s == STACK:  # room was checked by the first loop
+                h, _ = stack_push(words, np.int64(height[i]), i, scratch[i])
+                height[i] = np.int32(h)
+                h_top = max(h_top, h)
+                s = OK
+                status[i] = s
+            if s != OK and s != SKIP and first < 0:
+                first = np.int64(i)
     return first, h_top
 
 
@@ -186,15 +226,19 @@ def _push_spills(status, scratch, height, words, lo, hi):
 def _pop_fills(status, state, height, words, lo, hi):
     """Second loop of the reverse kernel: refill the coders from their stacks."""
     first = _NO_INDEX
-    for i in range(lo, hi):
-        s = status[i]
-        if s == STACK:
-            word, h = stack_pop(words, np.int64(height[i]), i)
-            height[i] = np.int32(h)
-            state[i] |= word
-            status[i] = OK
-        elif s != OK and first < 0:
-            first = np.int64(i)
+    packed = status.view(np.uint64)
+    for w in range(lo >> 3, (hi + 7) >> 3):
+        if packed[w] == 0:
+            continue
+        for i in range(w << 3, min((w << 3) + 8, hi)):
+            s = status[i]
+            if s == STACK:
+                word, h = stack_pop(words, np.int64(height[i]), i)
+                height[i] = np.int32(h)
+                state[i] |= word
+                status[i] = OK
+            elif s != OK and s != SKIP and first < 0:
+                first = np.int64(i)
     return first
 
 

@@ -106,11 +106,14 @@ class ReversibleMomentum:
         if n == 0:
             raise ValueError("x0 must hold at least one parameter")
         v0 = np.zeros(n) if v0 is None else self._vector(v0, "v0", n)
-        n_chunks = -(-n // CHUNK)
-        self._chunk = -(-n // n_chunks)
+        # Chunks start at multiples of 8 and the status array is padded to a multiple
+        # of 8: the kernels scan status bytes eight at a time.
+        size = -(-n // -(-n // CHUNK))  # equal chunks of at most CHUNK
+        self._chunk = -(-size // 8) * 8
+        n_chunks = -(-n // self._chunk)
         self._first_fail = np.empty(n_chunks, dtype=np.int64)
         self._top = np.empty(n_chunks, dtype=np.int64)
-        self._status = np.zeros(n, dtype=np.uint8)  # all zero between calls
+        self._status = np.zeros(-(-n // 8) * 8, dtype=np.uint8)  # all zero between calls
         self._scratch = np.empty(n, dtype=np.uint16)
         self._x = self._fix(x0, "x0")
         self._v = self._fix(v0, "v0")
@@ -120,6 +123,7 @@ class ReversibleMomentum:
         self._top_height = 0  # max over parameters of height
         self._iterations = 0
         self._position_undone = False
+        self._beta_cache = None
 
     # ----------------------------------------------------------------- properties
     @property
@@ -279,6 +283,20 @@ class ReversibleMomentum:
                 raise ValueError(f"{where} = {a[i]} is outside (0, 1]")
         return a
 
+    def _beta_arg(self, beta):
+        """(numerators, kernel argument) for ``beta``: a scalar numerator, or a table.
+
+        Per-parameter betas go to the kernels as a table of their constants
+        (:func:`._cpu_kernels.beta_table`), kept while the betas stay the same, as
+        they do step after step in a schedule that is constant per group.
+        """
+        n = _for_kernel(beta_numerator(self._coefficient(beta, "beta", unit_interval=True)))
+        if np.ndim(n) == 0:
+            return n, n
+        if self._beta_cache is None or not np.array_equal(self._beta_cache[0], n):
+            self._beta_cache = k.beta_table(n)
+        return n, self._beta_cache
+
     def _gradient(self, g):
         return self._vector(g, "g", self.size)
 
@@ -320,15 +338,15 @@ class ReversibleMomentum:
                                "finish the reverse step first")
         g = self._gradient(g)
         alpha = _for_kernel(self._coefficient(alpha, "alpha"))
-        beta_n = _for_kernel(beta_numerator(self._coefficient(beta, "beta", unit_interval=True)))
+        beta_n, beta_k = self._beta_arg(beta)
         self._forward(k.step, self._x, self._v, self._coder, self._height, self._words, g,
-                      alpha, beta_n, self._scale, self._status, self._scratch, self._chunk,
+                      alpha, beta_k, self._scale, self._status, self._scratch, self._chunk,
                       self._first_fail, self._top)
         bad = _first(self._first_fail)
         if bad >= 0:  # undo the elements that were updated; the status marks the others
             k.position(self._x, self._v, alpha, -1, self._status, self._chunk,
                        self._first_fail)
-            k.undecay(self._v, self._coder, self._height, self._words, g, beta_n, self._scale,
+            k.undecay(self._v, self._coder, self._height, self._words, g, beta_k, self._scale,
                       self._status, self._chunk, self._first_fail)
             self._kernel_failed(bad, g, alpha, beta_n, "step")
         self._iterations += 1
@@ -356,12 +374,12 @@ class ReversibleMomentum:
         if not self._position_undone:
             raise RuntimeError("unstep_velocity must follow unstep_position")
         g = self._gradient(g)
-        beta_n = _for_kernel(beta_numerator(self._coefficient(beta, "beta", unit_interval=True)))
-        k.undecay(self._v, self._coder, self._height, self._words, g, beta_n, self._scale,
+        beta_n, beta_k = self._beta_arg(beta)
+        k.undecay(self._v, self._coder, self._height, self._words, g, beta_k, self._scale,
                   self._status, self._chunk, self._first_fail)
         bad = _first(self._first_fail)
         if bad >= 0:
-            k.decay(self._v, self._coder, self._height, self._words, g, beta_n, self._scale,
+            k.decay(self._v, self._coder, self._height, self._words, g, beta_k, self._scale,
                     self._status, self._scratch, self._chunk, self._first_fail, self._top)
             self._note_top()
             self._kernel_failed(bad, g, None, beta_n, "unstep_velocity")
