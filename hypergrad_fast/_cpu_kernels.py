@@ -45,7 +45,6 @@ CORRUPT = np.uint8(4)  # a nonzero word must go below the bottom of an overdrawn
 ROOM = np.uint8(8)  # the stack's column is full: grow the word array and retry
 SKIP = np.uint8(16)  # already done: skipped by a retry
 
-_NO_HEIGHT = np.int64(-(1 << 62))
 _NO_INDEX = np.int64(-1)
 
 
@@ -199,12 +198,11 @@ def _first_failure(status, lo, hi):
 def _push_spills(status, scratch, height, words, lo, hi):
     """Second loop of the forward kernels: push the spilled words.
 
-    Returns (first failing index, highest stack) of the chunk.  The status bytes are
+    Returns the first failing index of the chunk, or -1.  The status bytes are
     scanned eight at a time (the array is padded to a multiple of 8 and chunks
     start at multiples of 8): most are zero.
     """
     first = _NO_INDEX
-    h_top = _NO_HEIGHT
     packed = status.view(np.uint64)
     for w in range(lo >> 3, (hi + 7) >> 3):
         if packed[w] == 0:
@@ -214,12 +212,11 @@ def _push_spills(status, scratch, height, words, lo, hi):
             if s == STACK:  # room was checked by the first loop
                 h, _ = stack_push(words, np.int64(height[i]), i, scratch[i])
                 height[i] = np.int32(h)
-                h_top = max(h_top, h)
                 s = OK
                 status[i] = s
             if s != OK and s != SKIP and first < 0:
                 first = np.int64(i)
-    return first, h_top
+    return first
 
 
 @njit(cache=True)
@@ -252,7 +249,7 @@ def _to_fixed(values, scale, out, status, chunk, first_fail):
 
 
 def _step(x, v, state, height, words, g, alpha, beta_n, scale, status, scratch, chunk,
-          first_fail, top):
+          first_fail):
     """Fused forward step: ``v <- beta v - (1-beta) g`` then ``x <- x + alpha v``."""
     n = x.shape[0]
     for c in prange(first_fail.shape[0]):
@@ -260,7 +257,7 @@ def _step(x, v, state, height, words, g, alpha, beta_n, scale, status, scratch, 
         _forward_loop(x[lo:hi], v[lo:hi], state[lo:hi], height[lo:hi], words.shape[0],
                       g[lo:hi], _part(alpha, lo, hi), _part(beta_n, lo, hi), scale,
                       status[lo:hi], scratch[lo:hi], True)
-        first_fail[c], top[c] = _push_spills(status, scratch, height, words, lo, hi)
+        first_fail[c] = _push_spills(status, scratch, height, words, lo, hi)
 
 
 def _position(x, v, alpha, sign, status, chunk, first_fail):
@@ -272,8 +269,7 @@ def _position(x, v, alpha, sign, status, chunk, first_fail):
         first_fail[c] = _first_failure(status, lo, hi) if n_bad else _NO_INDEX
 
 
-def _decay(v, state, height, words, g, beta_n, scale, status, scratch, chunk, first_fail,
-           top):
+def _decay(v, state, height, words, g, beta_n, scale, status, scratch, chunk, first_fail):
     """The velocity half of the forward step: ``v <- beta v - (1-beta) g``."""
     n = v.shape[0]
     for c in prange(first_fail.shape[0]):
@@ -281,7 +277,7 @@ def _decay(v, state, height, words, g, beta_n, scale, status, scratch, chunk, fi
         _forward_loop(v[lo:hi], v[lo:hi], state[lo:hi], height[lo:hi], words.shape[0],
                       g[lo:hi], 0.0, _part(beta_n, lo, hi), scale, status[lo:hi],
                       scratch[lo:hi], False)
-        first_fail[c], top[c] = _push_spills(status, scratch, height, words, lo, hi)
+        first_fail[c] = _push_spills(status, scratch, height, words, lo, hi)
 
 
 def _undecay(v, state, height, words, g, beta_n, scale, status, chunk, first_fail):

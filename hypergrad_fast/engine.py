@@ -112,7 +112,6 @@ class ReversibleMomentum:
         self._chunk = -(-size // 8) * 8
         n_chunks = -(-n // self._chunk)
         self._first_fail = np.empty(n_chunks, dtype=np.int64)
-        self._top = np.empty(n_chunks, dtype=np.int64)
         self._status = np.zeros(-(-n // 8) * 8, dtype=np.uint8)  # all zero between calls
         self._scratch = np.empty(n, dtype=np.uint16)
         self._x = self._fix(x0, "x0")
@@ -120,7 +119,6 @@ class ReversibleMomentum:
         self._coder = np.full(n, STATE_INIT, dtype=np.uint64)
         self._height = np.zeros(n, dtype=np.int32)
         self._words = np.zeros((0, n), dtype=np.uint16)
-        self._top_height = 0  # max over parameters of height
         self._iterations = 0
         self._position_undone = False
         self._beta_cache = None
@@ -215,7 +213,6 @@ class ReversibleMomentum:
         a word has nowhere to go keeps the allocation within a row of what is held.
         """
         kernel(*args)
-        self._note_top()
         if _first(self._first_fail) < 0:
             return
         status = self._status
@@ -227,7 +224,6 @@ class ReversibleMomentum:
         status[status == k.OK] = k.SKIP
         status[room] = k.OK
         kernel(*args)
-        self._note_top()
         status[status == k.SKIP] = k.OK
 
     # ----------------------------------------------------------------- validation
@@ -323,9 +319,6 @@ class ReversibleMomentum:
             + f"); with frac_bits={self.frac_bits}, |x| and |v| must stay below "
               f"2**{FIXED_LIMIT_BITS - self.frac_bits}")
 
-    def _note_top(self):
-        self._top_height = max(self._top_height, int(self._top.max()))
-
     # ----------------------------------------------------------------- the steps
     def step(self, g, alpha, beta):
         """One forward step: ``v <- beta v - (1-beta) g``, then ``x <- x + alpha v``.
@@ -341,7 +334,7 @@ class ReversibleMomentum:
         beta_n, beta_k = self._beta_arg(beta)
         self._forward(k.step, self._x, self._v, self._coder, self._height, self._words, g,
                       alpha, beta_k, self._scale, self._status, self._scratch, self._chunk,
-                      self._first_fail, self._top)
+                      self._first_fail)
         bad = _first(self._first_fail)
         if bad >= 0:  # undo the elements that were updated; the status marks the others
             k.position(self._x, self._v, alpha, -1, self._status, self._chunk,
@@ -380,8 +373,7 @@ class ReversibleMomentum:
         bad = _first(self._first_fail)
         if bad >= 0:
             k.decay(self._v, self._coder, self._height, self._words, g, beta_k, self._scale,
-                    self._status, self._scratch, self._chunk, self._first_fail, self._top)
-            self._note_top()
+                    self._status, self._scratch, self._chunk, self._first_fail)
             self._kernel_failed(bad, g, None, beta_n, "unstep_velocity")
         self._position_undone = False
         self._iterations -= 1
