@@ -224,6 +224,17 @@ def fixed_point_error_bound(xs, vs, gs, alphas, betas, frac_bits, lipschitz, gra
     ex = np.full(xs.shape[1], u / 2.0)
     ev = np.where(vs[0] != 0, u / 2.0, 0.0)
     exs, evs = [ex], [ev]
+    # With a Lipschitz gradient the bound can grow exponentially and overflow to inf
+    # on long runs: it then says nothing about the later steps, which callers skip.
+    with np.errstate(over="ignore", invalid="ignore"):
+        _bound_steps(exs, evs, xs, vs, gs, alphas, betas, u, eps2, lipschitz, grad_bound,
+                     decay_ulps)
+    return np.array(exs), np.array(evs)
+
+
+def _bound_steps(exs, evs, xs, vs, gs, alphas, betas, u, eps2, lipschitz, grad_bound,
+                 decay_ulps):
+    ex, ev = exs[-1], evs[-1]
     for t in range(gs.shape[0]):
         a, b = np.abs(alphas[t]), np.asarray(betas[t], dtype=np.float64)
         dg = lipschitz * (ex + EPS * (xs[t] + ex)) + 8 * EPS * grad_bound
@@ -233,7 +244,6 @@ def fixed_point_error_bound(xs, vs, gs, alphas, betas, frac_bits, lipschitz, gra
               + eps2 * (xs[t] + a * vs[t + 1]))
         exs.append(ex)
         evs.append(ev)
-    return np.array(exs), np.array(evs)
 
 
 # ------------------------------------------------------------ 5. drivers
