@@ -78,7 +78,49 @@ def _first(first_fail):
     return int(bad.min()) if bad.size else -1
 
 
-class ReversibleMomentum:
+class StepOrder:
+    """The order of forward and reverse half-steps, shared by the CPU and GPU engines.
+
+    A reverse step is ``unstep_position`` then ``unstep_velocity``; a forward step may
+    not start in between, and no more steps can be undone than were taken.  The
+    engine methods call ``_before_*`` first and ``_after_*`` once they succeeded.
+    """
+
+    _iterations = 0
+    _position_undone = False
+
+    @property
+    def iterations(self):
+        """Forward steps taken minus steps undone."""
+        return self._iterations
+
+    def _before_step(self):
+        if self._position_undone:
+            raise RuntimeError("unstep_position was called without its unstep_velocity; "
+                               "finish the reverse step first")
+
+    def _after_step(self):
+        self._iterations += 1
+
+    def _before_unstep_position(self):
+        if self._position_undone:
+            raise RuntimeError("unstep_position called twice; call unstep_velocity first")
+        if self._iterations <= 0:
+            raise ValueError("no step left to undo: the engine is back at its first state")
+
+    def _after_unstep_position(self):
+        self._position_undone = True
+
+    def _before_unstep_velocity(self):
+        if not self._position_undone:
+            raise RuntimeError("unstep_velocity must follow unstep_position")
+
+    def _after_unstep_velocity(self):
+        self._position_undone = False
+        self._iterations -= 1
+
+
+class ReversibleMomentum(StepOrder):
     """SGD with momentum that can be run backwards exactly.
 
     Parameters
@@ -119,8 +161,6 @@ class ReversibleMomentum:
         self._coder = np.full(n, STATE_INIT, dtype=np.uint64)
         self._height = np.zeros(n, dtype=np.int32)
         self._words = np.zeros((0, n), dtype=np.uint16)
-        self._iterations = 0
-        self._position_undone = False
         self._beta_cache = None
 
     # ----------------------------------------------------------------- properties
@@ -138,11 +178,6 @@ class ReversibleMomentum:
     def v(self):
         """Current velocity as a float64 copy."""
         return self._v / self._scale
-
-    @property
-    def iterations(self):
-        """Forward steps taken minus steps undone."""
-        return self._iterations
 
     @property
     def aux_bits(self):
@@ -326,9 +361,7 @@ class ReversibleMomentum:
         ``alpha`` and ``beta`` are scalars or per-parameter arrays; ``beta`` in (0, 1]
         is used as :func:`effective_beta` of itself.
         """
-        if self._position_undone:
-            raise RuntimeError("unstep_position was called without its unstep_velocity; "
-                               "finish the reverse step first")
+        self._before_step()
         g = self._gradient(g)
         alpha = _for_kernel(self._coefficient(alpha, "alpha"))
         beta_n, beta_k = self._beta_arg(beta)
@@ -342,21 +375,18 @@ class ReversibleMomentum:
             k.undecay(self._v, self._coder, self._height, self._words, g, beta_k, self._scale,
                       self._status, self._chunk, self._first_fail)
             self._kernel_failed(bad, g, alpha, beta_n, "step")
-        self._iterations += 1
+        self._after_step()
 
     def unstep_position(self, alpha):
         """Undo the position half of the last step: ``x <- x - alpha v`` (exact)."""
-        if self._position_undone:
-            raise RuntimeError("unstep_position called twice; call unstep_velocity first")
-        if self._iterations <= 0:
-            raise ValueError("no step left to undo: the engine is back at its first state")
+        self._before_unstep_position()
         alpha = _for_kernel(self._coefficient(alpha, "alpha"))
         k.position(self._x, self._v, alpha, -1, self._status, self._chunk, self._first_fail)
         bad = _first(self._first_fail)
         if bad >= 0:
             k.position(self._x, self._v, alpha, 1, self._status, self._chunk, self._first_fail)
             self._kernel_failed(bad, None, alpha, None, "unstep_position")
-        self._position_undone = True
+        self._after_unstep_position()
 
     def unstep_velocity(self, g, beta):
         """Undo the velocity half of the last step: ``v <- (v + (1-beta) g) / beta``.
@@ -364,8 +394,7 @@ class ReversibleMomentum:
         ``g`` and ``beta`` must be those of the forward step being undone; the
         digits it stored are popped from the buffer.
         """
-        if not self._position_undone:
-            raise RuntimeError("unstep_velocity must follow unstep_position")
+        self._before_unstep_velocity()
         g = self._gradient(g)
         beta_n, beta_k = self._beta_arg(beta)
         k.undecay(self._v, self._coder, self._height, self._words, g, beta_k, self._scale,
@@ -375,8 +404,7 @@ class ReversibleMomentum:
             k.decay(self._v, self._coder, self._height, self._words, g, beta_k, self._scale,
                     self._status, self._scratch, self._chunk, self._first_fail)
             self._kernel_failed(bad, g, None, beta_n, "unstep_velocity")
-        self._position_undone = False
-        self._iterations -= 1
+        self._after_unstep_velocity()
 
     def __repr__(self):
         return (f"ReversibleMomentum(N={self.size}, frac_bits={self.frac_bits}, "

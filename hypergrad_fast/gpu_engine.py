@@ -15,7 +15,7 @@ in the environment before numba is first imported) runs it on the CPU, slowly.
 import numpy as np
 
 from ._arith import BETA_DENOM, FIXED_LIMIT_BITS, STATE_INIT, STATE_LOW_BITS, WORD_BITS
-from .engine import EngineState, beta_numerator, information_bound
+from .engine import EngineState, StepOrder, beta_numerator, information_bound
 
 try:  # numba-cuda imports without a driver; this only guards a broken install
     from numba import cuda
@@ -95,7 +95,7 @@ class _Coefficients:
         return buf, self._dtype.type(0), mode
 
 
-class BatchedReversibleMomentum:
+class BatchedReversibleMomentum(StepOrder):
     """B runs of SGD with momentum, on the GPU, each of which can be run backwards exactly.
 
     Momentum convention, per run b (the paper's Algorithm 1)::
@@ -161,8 +161,6 @@ class BatchedReversibleMomentum:
         self._g_buf = None
         self._alpha = _Coefficients(np.dtype(np.float64), self._shape[0], size)
         self._beta = _Coefficients(np.dtype(np.int64), self._shape[0], size)
-        self._iterations = 0
-        self._position_undone = False
 
     # ----------------------------------------------------------------- properties
     @property
@@ -494,9 +492,7 @@ class BatchedReversibleMomentum:
     # ----------------------------------------------------------------- the steps
     def step(self, g, alpha, beta):
         """One forward step of every run: ``v <- beta v - (1-beta) g``; ``x <- x + alpha v``."""
-        if self._position_undone:
-            raise RuntimeError("unstep_position was called without its unstep_velocity; "
-                               "finish the reverse step first")
+        self._before_step()
         g = self._gradient(g)
         alpha_args = self._alpha_args(alpha)
         beta_args = self._beta_args(beta)
@@ -507,21 +503,18 @@ class BatchedReversibleMomentum:
             self._position(alpha_args, -1, True)
             self._undecay(g, beta_args, True)
             self._kernel_failed(bad, g, alpha_args, beta_args, "step")
-        self._iterations += 1
+        self._after_step()
 
     def unstep_position(self, alpha):
         """Undo the position half of the last step: ``x <- x - alpha v`` (exact)."""
-        if self._position_undone:
-            raise RuntimeError("unstep_position called twice; call unstep_velocity first")
-        if self._iterations <= 0:
-            raise ValueError("no step left to undo: the engine is back at its first state")
+        self._before_unstep_position()
         alpha_args = self._alpha_args(alpha)
         self._position(alpha_args, -1, False)
         bad = self._read_flags()
         if bad >= 0:
             self._position(alpha_args, 1, True)
             self._kernel_failed(bad, None, alpha_args, None, "unstep_position")
-        self._position_undone = True
+        self._after_unstep_position()
 
     def unstep_velocity(self, g, beta):
         """Undo the velocity half of the last step: ``v <- (v + (1-beta) g) / beta``.
@@ -529,8 +522,7 @@ class BatchedReversibleMomentum:
         ``g`` and ``beta`` must be those of the forward step being undone; the
         digits it stored are popped from the buffers.
         """
-        if not self._position_undone:
-            raise RuntimeError("unstep_velocity must follow unstep_position")
+        self._before_unstep_velocity()
         g = self._gradient(g)
         beta_args = self._beta_args(beta)
         self._ensure_room()
@@ -540,8 +532,7 @@ class BatchedReversibleMomentum:
             self._forward(g, None, beta_args, True)
             self._read_flags()
             self._kernel_failed(bad, g, None, beta_args, "unstep_velocity")
-        self._position_undone = False
-        self._iterations -= 1
+        self._after_unstep_velocity()
 
     def __repr__(self):
         runs, n = self._shape
