@@ -75,11 +75,18 @@ def fixed_round(y):
 
     Ties round up (towards +inf).  Returns ``(value, ok)``; ``ok`` is False for NaN,
     infinities and magnitudes that do not fit the fixed-point range, and then
-    ``value`` is 0.  ``y - floor(y)`` is exact for every float, so the rule does not
-    depend on fused multiply-add contraction.
+    ``value`` is 0.  ``y - floor(y)`` is exact for every float.
+
+    Fused multiply-add: when ``y`` is a product (``alpha * v`` in
+    :func:`position_delta`), a GPU compiler could fuse it with ``- floor(y)`` and
+    skip the product's rounding.  The select below stands between the product and
+    the subtraction, so there is no multiply-add to fuse; ``tests/test_gpu.py``
+    checks the compiled kernels for ``fma.rn.f64``.  Keep it.
     """
     ok = abs(y) < FIXED_LIMIT
-    y = y if ok else 0.0  # a select, not a branch: keeps the kernels' loops vectorisable
+    # A select, not a branch: keeps the CPU loops vectorisable, and keeps the GPU
+    # compiler from contracting a product into the subtraction below.
+    y = y if ok else 0.0
     f = math.floor(y)
     f = f + 1.0 if y - f >= 0.5 else f
     return np.int64(f), ok
