@@ -156,9 +156,10 @@ def _reverse(run, alphas, betas, meta, d_x, need_meta=True):
     d_betas = np.zeros_like(betas)
     meta_space = vspace(meta)
     d_meta = meta_space.zeros()
+    betas_eff = effective_beta(betas)  # per group: cheaper than per parameter each step
     for t in _progress(range(n_iter - 1, -1, -1), run.progress, "sgd reverse", n_iter):
         alpha = _per_param(alphas[t], groups)
-        beta_eff = effective_beta(_per_param(betas[t], groups))
+        beta_eff = _per_param(betas_eff[t], groups)
         v_next = eng.v
         _accumulate(d_alphas, t, d_x * v_next, groups)
         eng.unstep_position(alpha)
