@@ -28,7 +28,7 @@ and no atomic is needed.  The host reads both flags after every call (16 bytes).
 
 Floating point and fused multiply-add.  NVVM contracts ``a * b + c`` into an
 FMA by default: libNVVM's ``-fma`` option defaults to 1, and numba-cuda 0.30
-only ever passes ``fma=True`` (with ``fastmath=True``), never ``fma=0``; the
+only ever passes ``fma=True`` (with its fast-math option), never ``fma=0``; the
 ``@cuda.jit`` decorator offers no way to pass it.  The PTX it emits uses
 ``mul.f64``/``add.f64`` without a rounding modifier, which ptxas may fuse too.
 The float -> fixed conversions are safe anyway:
@@ -36,7 +36,7 @@ The float -> fixed conversions are safe anyway:
 * ``gradient_term``: ``((1 - beta) * g) * 2**frac_bits`` -- the second product
   is exact, so fusing it with the rounding's ``y - floor(y)`` gives the same
   value; the first product feeds a multiplication, not an addition, and cannot
-  be contracted (re-association is not allowed without fastmath).
+  be contracted (re-association is not allowed without fast-math).
 * ``position_delta``: ``alpha * v`` is rounded by ``fixed_round``, which first
   passes the product through a select (``y if ok else 0.0``), so ``y - floor(y)``
   subtracts from the select, not from the product: there is no multiply-add
@@ -51,7 +51,7 @@ reciprocals ``1.0 / q`` etc. of ``beta_constants`` (IEEE division, as on the
 CPU).  ``bench/gpu_check.py`` compares the GPU with the CPU bit for bit on real
 hardware.
 
-No kernel or helper uses fastmath.
+No kernel or helper uses fast-math.
 """
 
 import numpy as np

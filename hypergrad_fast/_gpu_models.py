@@ -40,7 +40,7 @@ l's output units in a workspace row; ``bounds`` (G+1,) start of each parameter g
 (groups are contiguous blocks).  Minibatches are rows of ``idx`` (T, M): example m
 of step t is ``inputs[idx[t, m]]``.
 
-No fastmath anywhere.
+No fast-math anywhere.
 """
 
 import functools
