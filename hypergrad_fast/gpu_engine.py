@@ -209,11 +209,6 @@ class BatchedReversibleMomentum(StepOrder):
         return out
 
     @property
-    def iterations(self):
-        """Forward steps taken minus steps undone (the same for every run)."""
-        return self._iterations
-
-    @property
     def aux_bits(self):
         """Information held in the buffers, in bits (summed over runs and parameters)."""
         held = np.log2(self._coder.copy_to_host().astype(np.float64)) - STATE_LOW_BITS

@@ -8,7 +8,7 @@ Hessian-vector product per iteration.  Memory is that of the information buffer
 (about log2(1/beta) bits per parameter per iteration), not of the trajectory.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import autograd.numpy as anp
@@ -38,8 +38,6 @@ class _Run:
     progress: bool
     engine: Any = None
     x0_fixed: Any = None
-    meta_was_none: bool = False
-    stats: dict = field(default_factory=dict)
 
 
 def _per_param(schedule_t, groups):
@@ -91,9 +89,8 @@ def _check_schedules(x0, alphas, betas, groups):
             raise ValueError(f"groups must be an int array of shape ({n},), got "
                              f"{groups.dtype} {groups.shape}")
         groups = groups.astype(np.int64)
-        limit = n_groups or 1
-        bad = np.flatnonzero((groups < 0) | (groups >= limit))
-        if bad.size and n_groups:
+        bad = np.flatnonzero((groups < 0) | (groups >= n_groups)) if n_groups else []
+        if len(bad):
             raise ValueError(f"groups[{bad[0]}] = {groups[bad[0]]} is outside [0, {n_groups})")
     for name, a in (("alphas", alphas), ("betas", betas)):
         a = np.asarray(a, dtype=np.float64)
@@ -132,8 +129,6 @@ def _forward(x0, alphas, betas, meta, run):
         if run.callback is not None:
             run.callback(t, eng.x, eng.v, g)
     run.engine = eng
-    run.stats["aux_bits"] = eng.aux_bits
-    run.stats["aux_nbytes"] = eng.aux_nbytes
     return eng.x
 
 
@@ -248,6 +243,5 @@ def sgd(loss, x0, alphas, betas, meta=None, *, groups=None, callback=None, frac_
                callback=callback, frac_bits=frac_bits, progress=progress)
     if meta is None:
         meta = np.zeros(0)
-        run.meta_was_none = True
     _, _, run.groups = _check_schedules(getval(x0), getval(alphas), getval(betas), run.groups)
     return _sgd(x0, alphas, betas, _box_containers(meta), run)
