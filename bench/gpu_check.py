@@ -394,6 +394,16 @@ def logreg_cpu(problem, n_in, n_out, steps, max_runs=None):
     return time.perf_counter() - t0, exact, runs
 
 
+def _relative_error(actual, desired):
+    """Largest difference relative to the largest value: rounding gives ~1e-15 here.
+
+    (Element by element, a hypergradient that is nearly zero can differ by more in
+    relative terms; the GPU's FMA contraction and exp() move the last bits.)
+    """
+    actual, desired = np.asarray(actual, float), np.asarray(desired, float)
+    return float(np.abs(actual - desired).max() / max(np.abs(desired).max(), 1e-300))
+
+
 def sweep_times(problem, n_in, n_out, steps, cpu_runs):
     """Hypergradients of all settings by ``sweep``: (gpu seconds, cpu seconds scaled, agree)."""
     from hypergrad_fast import sweep
@@ -422,7 +432,8 @@ def sweep_times(problem, n_in, n_out, steps, cpu_runs):
     for k in range(done):
         cpu = sweep(model, data, a[k:k + 1], b[k:k + 1], meta=log_l2[k:k + 1], device="cpu",
                     **kw)
-        agree &= bool(np.allclose(cpu.d_alphas[0], gpu.d_alphas[k], rtol=1e-6, atol=1e-12))
+        for field in ("valid_loss", "d_alphas", "d_betas", "d_log_init_scales", "d_meta"):
+            agree &= _relative_error(getattr(gpu, field)[k], getattr(cpu, field)[0]) < 1e-10
     cpu_s = (time.perf_counter() - t0) * runs / done
     return gpu_s, cpu_s, agree, done
 
@@ -504,7 +515,7 @@ def main(argv=None):
                  "device='cuda', whole batch"))
     rows.append(("(d) sweep hypergradients CPU", setting_c, f"{sw_cpu:.2f} s",
                  f"device='cpu', one at a time ({sw_done} timed, scaled); "
-                 f"d_alphas agree to 1e-6: {sw_agree}"))
+                 f"all outputs agree to 1e-10 of their largest value: {sw_agree}"))
     rows.append(("(d) speed-up", "", f"{sw_cpu / sw_gpu:.1f}x", "CPU time / GPU time"))
 
     # the PTX of the step kernels must hold no contracted multiply-add (see _gpu_kernels)

@@ -195,17 +195,18 @@ class BatchedReversibleMomentum(StepOrder):
         return self._to_float(self._v, out, "out")
 
     def _to_float(self, values, out, name):
+        """Convert into ``out`` and return ``out`` itself (a CuPy or PyTorch array stays one)."""
         if out is None:
-            out = cuda.device_array(self._shape, dtype=np.float64)
+            out = view = cuda.device_array(self._shape, dtype=np.float64)
         elif not _is_device_array(out):
             raise TypeError(f"{name} must be a device array")
         else:
-            out = _as_device(out)
-            if out.dtype != np.float64 or tuple(out.shape) != self._shape \
-                    or not out.is_c_contiguous():
+            view = _as_device(out)  # on a GPU a new numba view of the caller's memory
+            if view.dtype != np.float64 or tuple(view.shape) != self._shape \
+                    or not view.is_c_contiguous():
                 raise ValueError(f"{name} must be a C-contiguous float64 device array of "
                                  f"shape {self._shape}")
-        self._launch(self._k.to_float, values, self._scale, out.reshape(self.size))
+        self._launch(self._k.to_float, values, self._scale, view.reshape(self.size))
         return out
 
     @property
