@@ -6,6 +6,7 @@ through Reversible Learning" (ICML 2015).
 
 from .engine import (
     EngineState,
+    Prepared,
     ReversibleMomentum,
     beta_numerator,
     effective_beta,
@@ -22,6 +23,7 @@ __all__ = [
     "sweep",
     "SweepResult",
     "EngineState",
+    "Prepared",
     "ReversibleMomentum",
     "beta_numerator",
     "effective_beta",

@@ -67,6 +67,20 @@ class EngineState(NamedTuple):
     words: np.ndarray
 
 
+class Prepared(NamedTuple):
+    """An ``alpha`` or ``beta`` validated once, to pass to the steps again and again.
+
+    Made by :meth:`ReversibleMomentum.prepare_alpha` / :meth:`~ReversibleMomentum.prepare_beta`;
+    a schedule that repeats its coefficients saves their validation and, for
+    per-parameter betas, the table of their constants at every step.
+    """
+
+    name: str  # "alpha" or "beta"
+    size: int  # the engine size it was prepared for
+    numerators: object  # beta: the numerators n (int or (N,) int64); alpha: None
+    kernel_arg: object  # what the kernels take: a float / int, an array or a table
+
+
 def _for_kernel(coef):
     """A one-element coefficient as a scalar: the kernels compile a scalar version."""
     return coef[0].item() if coef.shape[0] == 1 else coef
@@ -314,6 +328,28 @@ class ReversibleMomentum(StepOrder):
                 raise ValueError(f"{where} = {a[i]} is outside (0, 1]")
         return a
 
+    def prepare_alpha(self, alpha):
+        """Validate ``alpha`` (scalar or (N,)) once; pass the result as ``alpha`` to the steps."""
+        return Prepared("alpha", self.size, None,
+                        _for_kernel(self._coefficient(alpha, "alpha")))
+
+    def prepare_beta(self, beta):
+        """Validate ``beta`` (scalar or (N,), in (0, 1]) once; pass the result as ``beta``."""
+        n = _for_kernel(beta_numerator(self._coefficient(beta, "beta", unit_interval=True)))
+        return Prepared("beta", self.size, n, n if np.ndim(n) == 0 else k.beta_table(n))
+
+    def _prepared(self, value, name):
+        if value.name != name or value.size != self.size:
+            raise ValueError(f"{name} was prepared as {value.name} for an engine of size "
+                             f"{value.size}; this is {name} for size {self.size}")
+        return value
+
+    def _alpha_arg(self, alpha):
+        """The kernel argument for ``alpha``: a float or a per-parameter array."""
+        if isinstance(alpha, Prepared):
+            return self._prepared(alpha, "alpha").kernel_arg
+        return _for_kernel(self._coefficient(alpha, "alpha"))
+
     def _beta_arg(self, beta):
         """(numerators, kernel argument) for ``beta``: a scalar numerator, or a table.
 
@@ -321,6 +357,9 @@ class ReversibleMomentum(StepOrder):
         (:func:`._cpu_kernels.beta_table`), kept while the betas stay the same, as
         they do step after step in a schedule that is constant per group.
         """
+        if isinstance(beta, Prepared):
+            beta = self._prepared(beta, "beta")
+            return beta.numerators, beta.kernel_arg
         n = _for_kernel(beta_numerator(self._coefficient(beta, "beta", unit_interval=True)))
         if np.ndim(n) == 0:
             return n, n
@@ -359,11 +398,12 @@ class ReversibleMomentum(StepOrder):
         """One forward step: ``v <- beta v - (1-beta) g``, then ``x <- x + alpha v``.
 
         ``alpha`` and ``beta`` are scalars or per-parameter arrays; ``beta`` in (0, 1]
-        is used as :func:`effective_beta` of itself.
+        is used as :func:`effective_beta` of itself.  Either may be a :class:`Prepared`
+        value from :meth:`prepare_alpha` / :meth:`prepare_beta`, as in every step method.
         """
         self._before_step()
         g = self._gradient(g)
-        alpha = _for_kernel(self._coefficient(alpha, "alpha"))
+        alpha = self._alpha_arg(alpha)
         beta_n, beta_k = self._beta_arg(beta)
         self._forward(k.step, self._x, self._v, self._coder, self._height, self._words, g,
                       alpha, beta_k, self._scale, self._status, self._scratch, self._chunk,
@@ -380,7 +420,7 @@ class ReversibleMomentum(StepOrder):
     def unstep_position(self, alpha):
         """Undo the position half of the last step: ``x <- x - alpha v`` (exact)."""
         self._before_unstep_position()
-        alpha = _for_kernel(self._coefficient(alpha, "alpha"))
+        alpha = self._alpha_arg(alpha)
         k.position(self._x, self._v, alpha, -1, self._status, self._chunk, self._first_fail)
         bad = _first(self._first_fail)
         if bad >= 0:

@@ -47,8 +47,55 @@ def _per_param(schedule_t, groups):
     return schedule_t[groups]
 
 
-def _per_group_sum(values, groups, n_groups):
-    return np.bincount(groups, weights=values, minlength=n_groups)
+class _Rows:
+    """The rows of a (T,) or (T, G) schedule, each turned into per-step values once.
+
+    ``rows[t]`` is ``make(per_param)`` for row t, where ``per_param`` is the row as a
+    scalar or expanded to parameters.  The last two distinct rows are kept, keyed by
+    their values: a schedule that holds its rows (constant per group, as a fixed
+    schedule is) is expanded and handed to the engine's validation once, not at
+    every step of both passes; a learned schedule costs what it did without this.
+    """
+
+    def __init__(self, schedule, groups, make):
+        self._schedule, self._groups, self._make = schedule, groups, make
+        self._kept = {}
+
+    def __getitem__(self, t):
+        row = self._schedule[t]
+        key = row.tobytes()
+        value = self._kept.get(key)
+        if value is None:
+            value = self._make(_per_param(row, self._groups))
+            if len(self._kept) == 2:
+                del self._kept[next(iter(self._kept))]
+            self._kept[key] = value
+        return value
+
+
+class _GroupSums:
+    """``sums(values)``: per-group sums of per-parameter values, (G,) float64.
+
+    Groups laid out in contiguous blocks (as :class:`~hypergrad_fast.models.ParamLayout`
+    lays them out) are summed block by block with ``np.add.reduceat``; other
+    layouts go through ``np.bincount``.
+    """
+
+    def __init__(self, groups, n_groups):
+        self._groups, self._n_groups = groups, n_groups
+        self._starts = None
+        if np.all(groups[1:] >= groups[:-1]):
+            starts = np.searchsorted(groups, np.arange(n_groups))
+            ends = np.searchsorted(groups, np.arange(n_groups), side="right")
+            self._present = ends > starts
+            self._starts = starts[self._present]
+
+    def __call__(self, values):
+        if self._starts is None:
+            return np.bincount(self._groups, weights=values, minlength=self._n_groups)
+        out = np.zeros(self._n_groups)
+        out[self._present] = np.add.reduceat(values, self._starts)
+        return out
 
 
 def _progress(iterable, enabled, desc, total):
@@ -117,13 +164,15 @@ def _forward(x0, alphas, betas, meta, run):
     eng.reserve(n_iter, betas)
     run.x0_fixed = eng.state.x
     loss_grad = value_and_grad(loss)
+    alpha_rows = _Rows(alphas, groups, eng.prepare_alpha)
+    beta_rows = _Rows(betas, groups, eng.prepare_beta)
     for t in _progress(range(n_iter), run.progress, "sgd forward", n_iter):
         x = eng.x
         value, g = loss_grad(x, meta, t)
         if not np.isfinite(value):
             raise FloatingPointError(f"the training loss is {value} at iteration {t}")
         try:
-            eng.step(g, _per_param(alphas[t], groups), _per_param(betas[t], groups))
+            eng.step(g, alpha_rows[t], beta_rows[t])
         except (OverflowError, FloatingPointError) as err:
             raise type(err)(f"iteration {t}: {err}") from None
         if run.callback is not None:
@@ -151,25 +200,38 @@ def _reverse(run, alphas, betas, meta, d_x, need_meta=True):
     d_betas = np.zeros_like(betas)
     meta_space = vspace(meta)
     d_meta = meta_space.zeros()
-    betas_eff = effective_beta(betas)  # per group: cheaper than per parameter each step
+    n_groups = max(d_alphas.shape[1:] + d_betas.shape[1:], default=0)
+    group_sums = _GroupSums(groups, n_groups) if n_groups else None
+
+    def accumulate(total, t, a, b):  # total[t] += sum(a * b), per group for (T, G)
+        if total.ndim == 1:
+            total[t] += np.dot(a, b)
+        else:
+            total[t] += group_sums(a * b)
+
+    def beta_row(beta):  # the engine's beta, its effective value, and -(1 - that)
+        beta_eff = effective_beta(beta)
+        return eng.prepare_beta(beta), beta_eff, beta_eff - 1.0
+
+    alpha_rows = _Rows(alphas, groups, lambda alpha: (eng.prepare_alpha(alpha), alpha))
+    beta_rows = _Rows(betas, groups, beta_row)
     for t in _progress(range(n_iter - 1, -1, -1), run.progress, "sgd reverse", n_iter):
-        alpha = _per_param(alphas[t], groups)
-        beta_eff = _per_param(betas_eff[t], groups)
-        v_next = eng.v
-        _accumulate(d_alphas, t, d_x * v_next, groups)
-        eng.unstep_position(alpha)
+        alpha_k, alpha = alpha_rows[t]
+        beta_k, beta_eff, neg_one_minus_beta = beta_rows[t]
+        accumulate(d_alphas, t, d_x, eng.v)
+        eng.unstep_position(alpha_k)
         d_v += alpha * d_x
         if need_meta:
             hvp, g = make_vjp(lambda xm: grad(loss)(xm[0], xm[1], t))((eng.x, meta))
         else:
             hvp, g = make_vjp(lambda x: grad(loss)(x, meta, t))(eng.x)
-        eng.unstep_velocity(g, _per_param(betas[t], groups))
-        _accumulate(d_betas, t, d_v * (eng.v + g), groups)
+        eng.unstep_velocity(g, beta_k)
+        accumulate(d_betas, t, d_v, eng.v + g)
         if need_meta:
-            h_x, h_meta = hvp(-(1.0 - beta_eff) * d_v)
+            h_x, h_meta = hvp(neg_one_minus_beta * d_v)
             d_meta = meta_space.add(d_meta, h_meta)
         else:
-            h_x = hvp(-(1.0 - beta_eff) * d_v)
+            h_x = hvp(neg_one_minus_beta * d_v)
         d_x += h_x
         d_v *= beta_eff
     state = eng.state
@@ -177,13 +239,6 @@ def _reverse(run, alphas, betas, meta, d_x, need_meta=True):
         raise SgdRecovery("the reverse pass did not recover x0 bit for bit; the loss or its "
                           "minibatches must be deterministic in (x, meta, t)")
     return d_x, d_alphas, d_betas, d_meta
-
-
-def _accumulate(total, t, values, groups):
-    if total.ndim == 1:
-        total[t] += values.sum()
-    else:
-        total[t] += _per_group_sum(values, groups, total.shape[1])
 
 
 @primitive

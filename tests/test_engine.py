@@ -740,3 +740,40 @@ def test_refused_step_after_borrowing_changes_nothing():
             assert_same_state(eng.state, before)
             return
     raise AssertionError("no step was refused")
+
+
+# ---------------------------------------------------------------- prepared coefficients
+
+
+@pytest.mark.parametrize("per_param", [False, True], ids=["scalar", "per-parameter"])
+def test_prepared_coefficients_take_the_same_steps(per_param):
+    rng = np.random.default_rng(5)
+    n, steps = 300, 40
+    x0 = rng.standard_normal(n)
+    alpha = rng.uniform(0.05, 0.2, n) if per_param else 0.1
+    beta = rng.uniform(0.3, 0.99, n) if per_param else 0.83
+    raw, prepared = ReversibleMomentum(x0), ReversibleMomentum(x0)
+    alpha_p, beta_p = prepared.prepare_alpha(alpha), prepared.prepare_beta(beta)
+    for t in range(steps):
+        raw.step(grad(raw.x, t), alpha, beta)
+        prepared.step(grad(prepared.x, t), alpha_p, beta_p)
+    assert_same_state(prepared.state, raw.state)
+    for t in reversed(range(steps)):
+        prepared.unstep_position(alpha_p)
+        prepared.unstep_velocity(grad(prepared.x, t), beta_p)
+    assert_same_state(prepared.state, ReversibleMomentum(x0).state)
+
+
+def test_prepared_coefficients_are_checked():
+    eng, other = ReversibleMomentum(np.zeros(4)), ReversibleMomentum(np.zeros(5))
+    with pytest.raises(ValueError, match=r"beta\[2\] = 1.5 is outside \(0, 1\]"):
+        eng.prepare_beta(np.array([0.5, 0.5, 1.5, 0.5]))
+    with pytest.raises(ValueError, match=r"shape \(4,\)"):
+        eng.prepare_alpha(np.ones(5))
+    for label, call, pattern in [
+        ("alpha as beta", lambda e: e.step(np.zeros(4), 0.1, e.prepare_alpha(0.5)),
+         "beta was prepared as alpha"),
+        ("other size", lambda e: e.step(np.zeros(4), other.prepare_alpha(0.1), 0.5),
+         "engine of size 5; this is alpha for size 4"),
+    ]:
+        _assert_refused(eng, call, ValueError, pattern, label)

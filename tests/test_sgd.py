@@ -194,3 +194,25 @@ def test_bad_losses_name_the_problem():
     huge = lambda x, m, t: anp.sum(x**2) * (1e30 if t == 4 else 1.0)
     with pytest.raises(OverflowError, match="iteration 4"):
         sgd(huge, np.ones(3), np.full(6, 0.1), np.full(6, 0.9))
+
+
+@pytest.mark.parametrize("layout", ["blocks", "shuffled", "empty group"])
+def test_per_group_sums_do_not_depend_on_the_group_layout(layout):
+    """Blocks are summed with reduceat, other layouts with bincount: same hypergradients."""
+    model = LogisticRegression(8, 3)
+    loss, meta, _, _ = _problem(model, l2=None)
+    n, n_iter, n_groups = model.layout.size, 12, 4
+    rng = np.random.default_rng(7)
+    x0 = 0.1 * rng.standard_normal(n)
+    present = 3 if layout == "empty group" else n_groups  # group 3 may have no parameter
+    groups = np.sort(rng.integers(0, present, n))  # contiguous blocks
+    if layout == "shuffled":
+        groups = rng.permutation(groups)
+    alphas = rng.uniform(0.1, 0.3, (n_iter, n_groups))
+    betas = effective_beta(rng.uniform(0.5, 0.9, (n_iter, n_groups)))
+    w = rng.standard_normal(n)
+    ours = _hypergrads(sgd, loss, x0, alphas, betas, meta, groups, w)
+    ref = _hypergrads(unrolled_sgd, loss, x0, alphas, betas, meta, groups, w)
+    for name, o, r in zip(["x0", "alphas", "betas"], ours, ref):
+        _assert_close(o, r, name)
+    assert np.all((ours[1] != 0).any(axis=0) == (np.bincount(groups, minlength=4) > 0))
