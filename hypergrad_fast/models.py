@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 
 import autograd.numpy as anp
 import numpy as np
+from autograd.tracer import getval
 
 __all__ = [
     "ParamLayout",
@@ -70,6 +71,7 @@ class ParamLayout:
         sizes = [slices[n].stop - slices[n].start for n in names]
         self.groups: np.ndarray = np.repeat(np.arange(self.n_groups, dtype=np.int64), sizes)
         self.groups.flags.writeable = False  # shared by every expand() call
+        self._bounds = [slices[name].stop for name in names[:-1]]
 
     def _check_flat(self, x) -> None:
         if anp.shape(x) != (self.size,):
@@ -78,10 +80,11 @@ class ParamLayout:
     def unflatten(self, x) -> dict:
         """Flat (size,) vector -> dict name -> block of its shape (views; works on ArrayBoxes)."""
         self._check_flat(x)
-        return {
-            name: anp.reshape(x[self.slices[name]], shape)
-            for name, shape in zip(self.names, self.shapes)
-        }
+        # One split rather than a slice per block: autograd's gradient of a slice is an
+        # np.add.at into a zero vector, block after block; split's is one concatenate.
+        pieces = anp.split(x, self._bounds)
+        return {name: anp.reshape(piece, shape)
+                for name, piece, shape in zip(self.names, pieces, self.shapes)}
 
     def flatten(self, blocks: Mapping[str, object]) -> np.ndarray:
         """Dict name -> array -> flat float64 (size,) vector, checking names and shapes."""
@@ -126,10 +129,11 @@ class ParamLayout:
 def _logsumexp_rows(z):
     """log(sum(exp(z), axis=1)) as a column, stable for large logits.
 
-    Subtracting the row maximum keeps exp() from overflowing; the result does
-    not depend on it, so its gradient contributions cancel exactly.
+    Subtracting the row maximum keeps exp() from overflowing.  The result does not
+    depend on it, so it is taken as a constant (``getval``): its gradient terms would
+    cancel, and leaving them out saves autograd the max's derivative at every order.
     """
-    m = anp.max(z, axis=1, keepdims=True)
+    m = anp.max(getval(z), axis=1, keepdims=True)
     return m + anp.log(anp.sum(anp.exp(z - m), axis=1, keepdims=True))
 
 
