@@ -10,9 +10,18 @@ millions of Python objects.
 """
 
 import copy
+import functools
 
 from .bench_steps import make_optimiser
-from .common import ALPHA, BETA, best_of, seed_problem, value_and_hypergrads, vector_problem
+from .common import (
+    ALPHA,
+    BETA,
+    alternating_best,
+    best_of,
+    seed_problem,
+    value_and_hypergrads,
+    vector_problem,
+)
 
 REPEATS = 15
 
@@ -102,10 +111,11 @@ class EngineVsPythonInt:
 
 
 class HypergradVsNaive:
-    """Value + all hypergradients, ours / naive, seed network, T = 100 (~1.5 s each).
+    """Value + all hypergradients, ours / naive, seed network, T = 100 (~1 s each).
 
-    Min of 2: the naive reference's second run reuses the memory its first run
-    page-faulted in, so this is its fast case.
+    Min of 3 each, the two taken in turn (naive, ours, naive, ours, ...), so that a
+    slow spell of a shared machine falls on both.  The naive reference's later runs
+    reuse the memory its first run page-faulted in, so its minimum is its fast case.
     """
 
     n_iter = 100
@@ -118,9 +128,9 @@ class HypergradVsNaive:
             value_and_hypergrads(warm, impl)
 
     def track_hypergrad_ours_vs_naive_T100(self):
-        """min time of ours / min time of the naive reference, 2 repeats each."""
-        ours = best_of(lambda: value_and_hypergrads(self.problem, "ours"), 2)
-        naive = best_of(lambda: value_and_hypergrads(self.problem, "naive"), 2)
-        return ours / naive
+        """min time of ours / min time of the naive reference, 3 alternating runs each."""
+        best = alternating_best({impl: functools.partial(value_and_hypergrads, self.problem, impl)
+                                 for impl in ("naive", "ours")}, 3)
+        return best["ours"] / best["naive"]
 
     track_hypergrad_ours_vs_naive_T100.unit = "ratio"

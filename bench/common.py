@@ -268,3 +268,13 @@ def best_of(fn, repeats):
 def env_flag(name):
     """True when environment variable ``name`` is set to something other than "", "0"."""
     return os.environ.get(name, "") not in ("", "0")
+
+
+def alternating_best(fns, rounds):
+    """``{name: smallest wall time}`` of ``rounds`` calls of each ``fns[name]()``, taken
+    in turn (a, b, a, b, ...) so that a slow spell of a shared machine falls on all."""
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = min(best[name], best_of(fn, 1))
+    return best
