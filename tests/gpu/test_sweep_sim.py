@@ -78,7 +78,10 @@ def test_cuda_equals_cpu(monkeypatch, model):
         for field in ("x", "v"):  # fixed point: the gradients' last bits move a unit or two
             _close_to_rounding(getattr(gpu_state, field), getattr(cpu_state, field), field)
         for field in SweepResult._fields:
-            _close_to_rounding(getattr(gpu, field), getattr(cpu, field), field)
+            if field == "aux_bits":  # counts the digits held, which differ with the states
+                np.testing.assert_allclose(gpu.aux_bits, cpu.aux_bits, rtol=1e-6)
+            else:
+                _close_to_rounding(getattr(gpu, field), getattr(cpu, field), field)
         return
     for field in cpu_state._fields:
         np.testing.assert_array_equal(getattr(gpu_state, field), getattr(cpu_state, field),
