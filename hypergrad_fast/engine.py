@@ -330,13 +330,16 @@ class ReversibleMomentum(StepOrder):
 
     def prepare_alpha(self, alpha):
         """Validate ``alpha`` (scalar or (N,)) once; pass the result as ``alpha`` to the steps."""
-        return Prepared("alpha", self.size, None,
-                        _for_kernel(self._coefficient(alpha, "alpha")))
+        return Prepared("alpha", self.size, None, self._alpha_arg(alpha))
 
     def prepare_beta(self, beta):
         """Validate ``beta`` (scalar or (N,), in (0, 1]) once; pass the result as ``beta``."""
-        n = _for_kernel(beta_numerator(self._coefficient(beta, "beta", unit_interval=True)))
+        n = self._beta_numerators(beta)
         return Prepared("beta", self.size, n, n if np.ndim(n) == 0 else k.beta_table(n))
+
+    def _beta_numerators(self, beta):
+        """The validated numerators of ``beta``: an int, or an (N,) int64 array."""
+        return _for_kernel(beta_numerator(self._coefficient(beta, "beta", unit_interval=True)))
 
     def _prepared(self, value, name):
         if value.name != name or value.size != self.size:
@@ -360,7 +363,7 @@ class ReversibleMomentum(StepOrder):
         if isinstance(beta, Prepared):
             beta = self._prepared(beta, "beta")
             return beta.numerators, beta.kernel_arg
-        n = _for_kernel(beta_numerator(self._coefficient(beta, "beta", unit_interval=True)))
+        n = self._beta_numerators(beta)
         if np.ndim(n) == 0:
             return n, n
         if self._beta_cache is None or not np.array_equal(self._beta_cache[0], n):

@@ -85,10 +85,8 @@ class _GroupSums:
         self._groups, self._n_groups = groups, n_groups
         self._starts = None
         if np.all(groups[1:] >= groups[:-1]):
-            starts = np.searchsorted(groups, np.arange(n_groups))
-            ends = np.searchsorted(groups, np.arange(n_groups), side="right")
-            self._present = ends > starts
-            self._starts = starts[self._present]
+            self._present = np.bincount(groups, minlength=n_groups) > 0
+            self._starts = np.searchsorted(groups, np.arange(n_groups))[self._present]
 
     def __call__(self, values):
         if self._starts is None:
