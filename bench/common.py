@@ -231,7 +231,7 @@ def trainer(impl):
     if impl == "naive":
         return naive_sgd
     try:
-        from hypergrad_fast.sgd import sgd
+        from hypergrad_fast import sgd
     except ImportError as err:  # an old commit in a history run
         raise NotImplementedError(f"hypergrad_fast.sgd is not available: {err}") from None
     return sgd

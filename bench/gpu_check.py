@@ -47,7 +47,7 @@ BatchedReversibleMomentum = _why_no_gpu = gpu_available = None
 
 def _import_gpu_engine():
     global BatchedReversibleMomentum, _why_no_gpu, gpu_available
-    from hypergrad_fast import gpu_engine
+    from hypergrad_fast.engine import gpu as gpu_engine
     BatchedReversibleMomentum = gpu_engine.BatchedReversibleMomentum
     _why_no_gpu, gpu_available = gpu_engine._why_no_gpu, gpu_engine.gpu_available
 
@@ -520,7 +520,7 @@ def main(argv=None):
 
     # the PTX of the step kernels must hold no contracted multiply-add (see _gpu_kernels)
     if not cuda.config.ENABLE_CUDASIM:
-        from hypergrad_fast import _gpu_kernels as gk
+        from hypergrad_fast.engine import _gpu_kernels as gk
         fma = sum(ptx.count("fma.rn.f64") for k in (gk.step, gk.decay, gk.position, gk.undecay)
                   for ptx in k.inspect_asm().values())
         failed |= fma != 0

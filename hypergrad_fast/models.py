@@ -11,13 +11,17 @@ per-parameter arrays with ``layout.expand``.
 
 from __future__ import annotations
 
-import functools
 import numbers
 from typing import Mapping, Sequence
 
 import autograd.numpy as anp
 import numpy as np
 from autograd.tracer import getval
+
+from .objectives.batches import check_int as _check_int
+from .objectives.batches import check_batches, minibatch
+from .objectives.compiled import CompiledMLPLoss
+from .objectives.layout import ParamLayout
 
 __all__ = [
     "ParamLayout",
@@ -30,100 +34,6 @@ __all__ = [
 ]
 
 _L2_MODES = (None, "group", "weight")
-
-
-class ParamLayout:
-    """Map a flat parameter vector to named blocks of given shapes.
-
-    Built from an ordered sequence of ``(name, shape)`` pairs.  Attributes:
-    ``size`` (total number of parameters), ``names``, ``shapes``, ``slices``
-    (name -> slice of the flat vector), ``n_groups`` (number of blocks) and
-    ``groups`` (int64 (size,): the block index of every parameter).
-    """
-
-    def __init__(self, blocks: Sequence[tuple[str, Sequence[int]]]):
-        names, shapes, slices = [], [], {}
-        start = 0
-        for name, shape in blocks:
-            if not isinstance(name, str):
-                raise ValueError(f"block names must be strings, got {name!r}")
-            if name in slices:
-                raise ValueError(f"duplicate block name {name!r}")
-            # Accept a bare int for 1-D blocks as NumPy does.
-            if isinstance(shape, numbers.Integral):
-                shape = (int(shape),)
-            else:
-                shape = tuple(int(d) for d in shape)
-            if any(d < 0 for d in shape):
-                raise ValueError(f"block {name!r} has a negative dimension: {shape}")
-            n = int(np.prod(shape, dtype=np.int64))
-            names.append(name)
-            shapes.append(shape)
-            slices[name] = slice(start, start + n)
-            start += n
-        if not names:
-            raise ValueError("ParamLayout needs at least one block")
-        self.names: tuple[str, ...] = tuple(names)
-        self.shapes: tuple[tuple[int, ...], ...] = tuple(shapes)
-        self.slices: dict[str, slice] = slices
-        self.size: int = start
-        self.n_groups: int = len(names)
-        sizes = [slices[n].stop - slices[n].start for n in names]
-        self.groups: np.ndarray = np.repeat(np.arange(self.n_groups, dtype=np.int64), sizes)
-        self.groups.flags.writeable = False  # shared by every expand() call
-        self._bounds = [slices[name].stop for name in names[:-1]]
-
-    def _check_flat(self, x) -> None:
-        if anp.shape(x) != (self.size,):
-            raise ValueError(f"expected a flat vector of shape ({self.size},), got {anp.shape(x)}")
-
-    def unflatten(self, x) -> dict:
-        """Flat (size,) vector -> dict name -> block of its shape (views; works on ArrayBoxes)."""
-        self._check_flat(x)
-        # One split rather than a slice per block: autograd's gradient of a slice is an
-        # np.add.at into a zero vector, block after block; split's is one concatenate.
-        pieces = anp.split(x, self._bounds)
-        return {name: anp.reshape(piece, shape)
-                for name, piece, shape in zip(self.names, pieces, self.shapes)}
-
-    def flatten(self, blocks: Mapping[str, object]) -> np.ndarray:
-        """Dict name -> array -> flat float64 (size,) vector, checking names and shapes."""
-        if set(blocks) != set(self.names):
-            missing = sorted(set(self.names) - set(blocks))
-            extra = sorted(set(blocks) - set(self.names))
-            raise ValueError(
-                f"block names do not match the layout: missing {missing}, unexpected {extra}"
-            )
-        out = np.empty(self.size, dtype=np.float64)
-        for name, shape in zip(self.names, self.shapes):
-            block = np.asarray(blocks[name], dtype=np.float64)
-            if block.shape != shape:
-                raise ValueError(f"block {name!r} has shape {block.shape}, expected {shape}")
-            out[self.slices[name]] = block.ravel()
-        return out
-
-    def expand(self, per_group):
-        """Per-group values (n_groups,) -> per-parameter values (size,), differentiably."""
-        if anp.shape(per_group) != (self.n_groups,):
-            raise ValueError(
-                f"expected one value per group, shape ({self.n_groups},), "
-                f"got {anp.shape(per_group)}"
-            )
-        return per_group[self.groups]
-
-    def group_of(self, name: str) -> int:
-        """The group (block) index of block ``name``."""
-        try:
-            return self.names.index(name)
-        except ValueError:
-            raise KeyError(f"no block named {name!r}; blocks are {list(self.names)}") from None
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __repr__(self) -> str:
-        blocks = ", ".join(f"{n}{s}" for n, s in zip(self.names, self.shapes))
-        return f"ParamLayout(size={self.size}, blocks=[{blocks}])"
 
 
 def _logsumexp_rows(z):
@@ -234,72 +144,74 @@ def l2_penalty(layout: ParamLayout, x, log_l2):
     return 0.5 * anp.sum(anp.exp(log_l2) * x**2)
 
 
-@functools.lru_cache(maxsize=16)
-def _epoch_permutation(seed: int, epoch: int, n_examples: int) -> np.ndarray:
-    # Cached because the reverse pass asks for the same epochs again; read-only
-    # so no caller can corrupt the shared copy.
-    perm = np.random.default_rng((seed, epoch)).permutation(n_examples)
-    perm.flags.writeable = False
-    return perm
+_BACKENDS = ("compiled", "autograd")
 
 
-def _check_int(name, value, minimum) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+def _data_array(name, value, ncols=None):
+    a = np.asarray(value)
+    if a.dtype.kind not in "fiu":
+        raise ValueError(f"{name} must be a real numeric array, got dtype {a.dtype}")
+    if a.ndim != 2 or len(a) == 0 or (ncols is not None and a.shape[1] != ncols):
+        cols = "n_cols" if ncols is None else ncols
+        raise ValueError(f"{name} must have shape (n, {cols}) with n >= 1, got {a.shape}")
+    a = np.ascontiguousarray(a, dtype=np.float64)
+    finite = np.isfinite(a)
+    if not finite.all():
+        i, j = np.argwhere(~finite)[0]
+        raise ValueError(f"{name}[{i}, {j}] = {a[i, j]} is not finite")
+    return a
 
 
-def minibatch(t: int, n_examples: int, batch_size: int, seed: int = 0) -> np.ndarray:
-    """Example indices (batch_size,) int64 of minibatch t, a pure function of (t, seed).
+def make_train_loss(model, inputs, targets, batch_size, *, seed=0, l2=None, learn_inputs=False,
+                    batches=None, backend="compiled"):
+    """Build ``loss(x, meta, t)``: the training objective at iteration t (a scalar).
 
-    Each epoch visits every example once, in the order of a permutation drawn
-    from ``default_rng((seed, epoch))``; batch t covers positions
-    [t * batch_size, (t + 1) * batch_size) of the concatenated epochs, so a
-    batch may straddle two epochs.  Being stateless, the reverse pass at
-    iteration t sees the same batch as the forward pass did.
-    """
-    t = _check_int("t", t, 0)
-    n_examples = _check_int("n_examples", n_examples, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    seed = _check_int("seed", seed, 0)
-    start = t * batch_size
-    positions = np.arange(start, start + batch_size, dtype=np.int64)
-    epochs = positions // n_examples
-    out = np.empty(batch_size, dtype=np.int64)
-    for epoch in range(int(epochs[0]), int(epochs[-1]) + 1):
-        in_epoch = epochs == epoch
-        perm = _epoch_permutation(seed, epoch, n_examples)
-        out[in_epoch] = perm[positions[in_epoch] % n_examples]
-    return out
+    Mean cross-entropy over the minibatch of iteration t, ``minibatch(t, n,
+    batch_size, seed)`` or, when ``batches`` (a (T, batch_size) int array) is given,
+    its row t; plus, when ``l2`` is "group" or "weight", ``l2_penalty(model.layout,
+    x, meta["log_l2"])`` with meta["log_l2"] of shape (n_groups,) or (size,).  With
+    ``learn_inputs=True`` the training inputs come from ``meta["inputs"]`` (shape
+    like ``inputs``) so hypergradients reach the data.  ``meta`` is a dict; it is
+    ignored when neither option is used.
 
-
-def make_train_loss(model, inputs, targets, batch_size, *, seed=0, l2=None, learn_inputs=False):
-    """Build ``loss(x, meta, t)``: training objective at iteration t (a scalar).
-
-    Mean cross-entropy over ``minibatch(t, n, batch_size, seed)`` plus, when
-    ``l2`` is "group" or "weight", ``l2_penalty(model.layout, x,
-    meta["log_l2"])`` with meta["log_l2"] of shape (n_groups,) or (size,).
-    With ``learn_inputs=True`` the training inputs come from
-    ``meta["inputs"]`` (shape like ``inputs``) so hypergradients reach the
-    data.  ``meta`` is a dict; it is ignored when neither option is used.
+    ``backend="compiled"`` (default) returns a
+    :class:`~hypergrad_fast.objectives.CompiledMLPLoss`: :func:`~hypergrad_fast.sgd`
+    uses its Numba gradient and Hessian-vector product, and it is still callable
+    (and differentiable by autograd) as ``loss(x, meta, t)``.  ``backend="autograd"``
+    returns the plain autograd function.  Data of the wrong shape or dtype,
+    non-finite data and batch indices out of range raise ValueError naming the array.
     """
     if l2 not in _L2_MODES:
         raise ValueError(f"l2 must be one of {_L2_MODES}, got {l2!r}")
-    inputs = np.asarray(inputs, dtype=np.float64)
-    targets = np.asarray(targets, dtype=np.float64)
-    if inputs.ndim != 2 or targets.ndim != 2 or len(inputs) != len(targets):
-        raise ValueError(
-            "inputs and targets must be 2-D with equal lengths, "
-            f"got {inputs.shape} and {targets.shape}"
-        )
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if not isinstance(model, MLP):
+        raise TypeError(f"model must be an MLP or LogisticRegression, got {type(model).__name__}")
+    inputs = _data_array("inputs", inputs, model.layer_sizes[0])
+    targets = _data_array("targets", targets, model.layer_sizes[-1])
+    if len(inputs) != len(targets):
+        raise ValueError(f"inputs and targets must have equal lengths, got {inputs.shape} and "
+                         f"{targets.shape}")
     n_examples = len(inputs)
     batch_size = _check_int("batch_size", batch_size, 1)
     seed = _check_int("seed", seed, 0)
+    if batches is not None:
+        batches = check_batches(batches, n_examples)
+        if batches.shape[1] != batch_size:
+            raise ValueError(f"batches must have batch_size = {batch_size} columns, got "
+                             f"shape {batches.shape}")
     layout = model.layout
     l2_shape = {None: None, "group": (layout.n_groups,), "weight": (layout.size,)}[l2]
 
+    def batch(t):
+        if batches is None:
+            return minibatch(t, n_examples, batch_size, seed)
+        if not 0 <= t < len(batches):
+            raise ValueError(f"iteration {t} has no row in batches (shape {batches.shape})")
+        return batches[t]
+
     def loss(x, meta, t):
-        idx = minibatch(t, n_examples, batch_size, seed)
+        idx = batch(t)
         if learn_inputs:
             if anp.shape(meta["inputs"]) != inputs.shape:
                 raise ValueError(
@@ -317,7 +229,10 @@ def make_train_loss(model, inputs, targets, batch_size, *, seed=0, l2=None, lear
             value = value + l2_penalty(layout, x, meta["log_l2"])
         return value
 
-    return loss
+    if backend == "autograd":
+        return loss
+    return CompiledMLPLoss(model, inputs, targets, batch_size, seed, batches, l2,
+                           bool(learn_inputs), loss)
 
 
 def make_meta(model, inputs=None, *, l2=None, log_l2=0.0) -> dict:

@@ -136,7 +136,7 @@ def test_naive_reference_matches_sgd():
     from bench.common import naive_sgd
     from hypergrad_fast import effective_beta
     from hypergrad_fast.models import MLP, make_train_loss
-    from hypergrad_fast.sgd import sgd
+    from hypergrad_fast import sgd
 
     rng = np.random.default_rng(0)
     model = MLP([5, 7, 3])

@@ -23,7 +23,7 @@ from hypergrad_fast import (
     effective_beta,
     information_bound,
 )
-from hypergrad_fast import _arith, _cpu_kernels
+from hypergrad_fast.engine import _arith, _cpu_kernels
 
 # ---------------------------------------------------------------- helpers
 

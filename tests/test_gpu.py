@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import hypergrad_fast
-from hypergrad_fast.gpu_engine import BatchedReversibleMomentum, _simulator_on, gpu_available
+from hypergrad_fast.engine.gpu import BatchedReversibleMomentum, _simulator_on, gpu_available
 
 REPO = Path(__file__).resolve().parent.parent
 GPU_TESTS = Path(__file__).resolve().parent / "gpu"

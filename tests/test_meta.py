@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from autograd import value_and_grad
 
-from hypergrad_fast.meta import (
+from hypergrad_fast.metaopt import (
     BASE_RECORD_KEYS,
     CheckpointError,
     adam_init,
@@ -17,7 +17,7 @@ from hypergrad_fast.meta import (
     optimize,
 )
 from hypergrad_fast.models import LogisticRegression, ParamLayout, make_train_loss
-from hypergrad_fast.sgd import sgd
+from hypergrad_fast.hypergrad.sgd import sgd
 
 N_ITERS = 10  # training iterations of the tiny problem
 
@@ -172,7 +172,7 @@ def test_resuming_a_finished_run_does_no_work(tmp_path):
 
 
 def test_resume_without_a_checkpoint_starts_fresh_and_says_so(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="hypergrad_fast.meta"):
+    with caplog.at_level(logging.WARNING, logger="hypergrad_fast.metaopt"):
         result = _run(tmp_path, 1, "missing.npz", resume=True)
     assert result.resumed_from == 0
     assert "starting fresh" in caplog.text and "missing.npz" in caplog.text

@@ -7,7 +7,7 @@ from autograd import grad
 
 from hypergrad_fast import effective_beta
 from hypergrad_fast.models import LogisticRegression, MLP, make_train_loss
-from hypergrad_fast.sgd import SgdRecovery, sgd
+from hypergrad_fast.hypergrad.sgd import SgdRecovery, sgd
 
 from naive import unrolled_sgd
 

@@ -15,10 +15,10 @@ import pytest
 from autograd import grad, make_vjp, value_and_grad
 
 from hypergrad_fast.data import Split
-from hypergrad_fast.gpu_engine import _simulator_on, gpu_available
+from hypergrad_fast.engine.gpu import _simulator_on, gpu_available
 from hypergrad_fast.models import MLP, LogisticRegression, make_train_loss
-from hypergrad_fast.sgd import SgdRecovery, sgd
-from hypergrad_fast.sweep import SweepResult, sweep
+from hypergrad_fast.hypergrad.sgd import SgdRecovery, sgd
+from hypergrad_fast.hypergrad.sweep import SweepResult, sweep
 
 REPO = Path(__file__).resolve().parent.parent
 RTOL = 1e-8
@@ -202,7 +202,8 @@ def _bad_betas(value, where):
      ValueError, r"train inputs must have shape \(n, 30\)"),
     (dict(data=((np.zeros((4, 30)), np.zeros((4, 5))), (np.zeros((4, 30)), np.zeros((3, 5))))),
      ValueError, r"valid targets must have shape \(4, 5\), got \(3, 5\)"),
-    (dict(model=MLP([30, 4, 5], "relu")), ValueError, "support tanh hidden layers"),
+    (dict(model=MLP([30, 4, 5], "relu"), device="cuda"), ValueError,
+     "support tanh hidden layers"),
     (dict(model=object()), TypeError, "model must be a hypergrad_fast.models.MLP"),
     (dict(grad_fn=lambda x, m, t: x), ValueError, r"missing \['hvp_fn', 'valid_fn'\]"),
 ])
@@ -232,7 +233,7 @@ try:
     import numpy as np
     from numba import cuda
     compile_ptx._patch()
-    from hypergrad_fast import _gpu_models as gm
+    from hypergrad_fast.objectives import _gpu_mlp as gm
     kernels = gm.gpu_kernels()
 except Exception as exc:
     compile_ptx._report("skip", f"cannot set up compilation: {type(exc).__name__}: {exc}")
@@ -279,6 +280,6 @@ def test_model_kernels_compile_for_sm90():
     if report["status"] == "skip":
         pytest.skip(f"no CUDA compiler here: {report['reason']}")
     assert report["status"] == "ok", report["reason"]
-    from hypergrad_fast._gpu_models import KERNEL_NAMES
+    from hypergrad_fast.objectives._gpu_mlp import KERNEL_NAMES
     assert set(report["kernels"]) == set(KERNEL_NAMES)
     assert all(k["entry"] for k in report["kernels"].values())

@@ -83,7 +83,7 @@ def main():
         if cuda.config.ENABLE_CUDASIM:
             _report("skip", "the CUDA simulator is on")
         _patch()
-        from hypergrad_fast import _gpu_kernels as gk
+        from hypergrad_fast.engine import _gpu_kernels as gk
     except SystemExit:
         raise
     except Exception as exc:

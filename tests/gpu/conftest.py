@@ -13,7 +13,7 @@ In a process with neither the simulator nor a usable GPU (a plain
 
 import pytest
 
-from hypergrad_fast.gpu_engine import gpu_available
+from hypergrad_fast.engine.gpu import gpu_available
 
 collect_ignore_glob = [] if gpu_available() else ["test_*.py"]
 
@@ -21,6 +21,6 @@ collect_ignore_glob = [] if gpu_available() else ["test_*.py"]
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     """Few threads a block, so that the tiny test batches span several blocks."""
-    from hypergrad_fast import _gpu_kernels
+    from hypergrad_fast.engine import _gpu_kernels
 
     monkeypatch.setattr(_gpu_kernels, "THREADS_PER_BLOCK", 8)

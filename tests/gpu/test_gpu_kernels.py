@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from numba import cuda
 
-from hypergrad_fast._arith import STATE_INIT
+from hypergrad_fast.engine._arith import STATE_INIT
 from hypergrad_fast.engine import ReversibleMomentum
-from hypergrad_fast.gpu_engine import BatchedReversibleMomentum
+from hypergrad_fast.engine.gpu import BatchedReversibleMomentum
 
 
 def _row(coef, b):

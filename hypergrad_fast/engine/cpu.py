@@ -50,6 +50,16 @@ def information_bound(beta):
     return np.log2(BETA_DENOM / beta_numerator(beta))
 
 
+def held_bits(coder, height):
+    """Bits held by information buffers with these coder states and stack heights.
+
+    A stack of h words and a coder state s in [2**48, 2**64) hold 16 h + log2(s) - 48
+    bits; summed over every element (in the order of the flattened arrays).
+    """
+    held = np.log2(np.asarray(coder).astype(np.float64)) - STATE_LOW_BITS
+    return float(WORD_BITS * np.asarray(height).astype(np.float64).sum() + held.sum())
+
+
 class EngineState(NamedTuple):
     """The whole state of a :class:`ReversibleMomentum` engine.
 
@@ -196,8 +206,7 @@ class ReversibleMomentum(StepOrder):
     @property
     def aux_bits(self):
         """Information held in the buffer, in bits (summed over parameters)."""
-        held = np.log2(self._coder.astype(np.float64)) - STATE_LOW_BITS
-        return float(WORD_BITS * self._height.astype(np.float64).sum() + held.sum())
+        return held_bits(self._coder, self._height)
 
     @property
     def aux_nbytes(self):

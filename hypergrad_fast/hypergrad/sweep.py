@@ -27,11 +27,12 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import _gpu_models
-from .engine import EngineState, ReversibleMomentum, effective_beta, information_bound
-from .gpu_engine import BatchedReversibleMomentum, gpu_available
-from .models import MLP, ParamLayout, minibatch
-from .sgd import SgdRecovery
+from ..engine import gpu_available
+from ..models import MLP
+from ..objectives import ParamLayout
+from ..objectives.layout import group_bounds
+from ._cuda import CudaBackend, KernelMLP
+from .algorithm import CpuBackend, Schedules, forward, reverse
 
 __all__ = ["sweep", "SweepResult"]
 
@@ -146,7 +147,7 @@ def _split(name, split, n_in, n_out):
     return np.ascontiguousarray(inputs), np.ascontiguousarray(targets)
 
 
-def _layout(model, custom):
+def _layout(model, custom, kernels):
     if isinstance(model, ParamLayout):
         if not custom:
             raise TypeError("a ParamLayout as model needs grad_fn, hvp_fn and valid_fn; the "
@@ -161,17 +162,17 @@ def _layout(model, custom):
         if not isinstance(model, MLP):
             raise TypeError(f"the built-in batched gradients support MLP and "
                             f"LogisticRegression models, got {type(model).__name__}")
-        if model.n_layers > 1 and model.activation != "tanh":
-            raise ValueError(f"the built-in batched gradients support tanh hidden layers, got "
-                             f"activation={model.activation!r}; pass grad_fn, hvp_fn and "
-                             "valid_fn for other models")
+        if kernels and model.n_layers > 1 and model.activation != "tanh":
+            raise ValueError(f"the GPU's batched gradients support tanh hidden layers, got "
+                             f"activation={model.activation!r}; use device='cpu', or pass "
+                             "grad_fn, hvp_fn and valid_fn")
     return layout
 
 
 def _require_cuda():
     if gpu_available():
         return
-    from . import gpu_engine
+    from ..engine import gpu as gpu_engine
 
     why = getattr(gpu_engine, "_why_no_gpu", lambda: "cuda.is_available() is False")()
     raise RuntimeError(f"sweep(device='cuda') needs a CUDA GPU, and none is usable here: "
@@ -180,273 +181,14 @@ def _require_cuda():
                        "CUDA simulator.")
 
 
-# =============================================================================== backends
-class _Schedules(NamedTuple):
-    """The schedules as given and as per-group (B, T, G) arrays for the kernels."""
-
-    alphas: np.ndarray  # (B, T) or (B, T, G)
-    betas: np.ndarray  # (B, T) or (B, T, G), nominal (the engine rounds them itself)
-    alphas_full: np.ndarray  # (B, T, G)
-    betas_eff_full: np.ndarray  # (B, T, G) effective decays
-
-
-def _full(schedule, n_groups):
-    if schedule.ndim == 3:
-        return np.ascontiguousarray(schedule)
-    return np.ascontiguousarray(np.repeat(schedule[:, :, None], n_groups, axis=2))
-
-
-def _worst_column(betas_eff_full):
-    """The (T,) decay schedule of the (setting, group) that stores the most bits."""
-    bits = information_bound(betas_eff_full).sum(axis=1)
-    b, g = np.unravel_index(np.argmax(bits), bits.shape)
-    return betas_eff_full[b, :, g]
-
-
-class _CpuBackend:
-    """Host arrays, one CPU engine over the B * N parameters, the ``@njit`` twins."""
-
-    name = "cpu"
-
-    def __init__(self, x0, groups, frac_bits):
-        self.shape = x0.shape
-        self._groups = groups
-        self.engine = ReversibleMomentum(x0.ravel(), frac_bits=frac_bits)
-        self._loops = _gpu_models.cpu_loops()
-
-    def run(self, name, n_threads, *args):
-        getattr(self._loops, name)(np.int64(n_threads), *args)
-
-    def put(self, a, dtype=np.float64):
-        return np.array(a, dtype=dtype, order="C")
-
-    def zeros(self, shape):
-        return np.zeros(shape)
-
-    def get(self, a):
-        return np.array(a)
-
-    def flat(self, a):
-        return a.reshape(-1)
-
-    def is_array(self, a):
-        return isinstance(a, np.ndarray)
-
-    def own(self, a, name):
-        """A C-contiguous float64 copy of ``a`` that the caller may overwrite."""
-        return np.array(a, dtype=np.float64, order="C")
-
-    def states(self, a, name):
-        """``a`` as a C-contiguous float64 array (no copy when it is one)."""
-        return np.ascontiguousarray(a, dtype=np.float64)
-
-    def x(self):
-        return self.engine.x.reshape(self.shape)
-
-    def v(self):
-        return self.engine.v.reshape(self.shape)
-
-    def coefficient(self, schedule, t):
-        row = schedule[:, t]
-        if row.ndim == 1:
-            return np.repeat(row, self.shape[1])
-        return row[:, self._groups].ravel()
-
-    def gradient(self, g):
-        return np.asarray(g).reshape(-1)
-
-    def reserve(self, n_iter, worst):
-        self.engine.reserve(n_iter, worst[:, None])
-
-    def state(self):
-        """The engine's exact state with x, v, coder, height as (B, N), words (rows, B, N)."""
-        s = self.engine.state
-        return EngineState(*(a.reshape(self.shape) for a in s[:4]),
-                           s.words.reshape((-1,) + self.shape))
-
-
-class _CudaBackend:
-    """Device arrays, a :class:`BatchedReversibleMomentum`, the ``@cuda.jit`` kernels."""
-
-    name = "cuda"
-
-    def __init__(self, x0, groups, frac_bits):
-        from numba import cuda
-
-        from . import _gpu_kernels
-
-        self._cuda = cuda
-        self._launch = _gpu_kernels.launch
-        self._kernels = _gpu_models.gpu_kernels()
-        self.shape = x0.shape
-        self._groups = groups
-        self.engine = BatchedReversibleMomentum(x0, frac_bits=frac_bits)
-        self._x = cuda.device_array(self.shape, dtype=np.float64)
-        self._v = cuda.device_array(self.shape, dtype=np.float64)
-
-    def run(self, name, n_threads, *args):
-        # the launcher reads THREADS_PER_BLOCK at call time (tests lower it)
-        self._launch(getattr(self._kernels, name), n_threads, np.int64(n_threads), *args)
-
-    def put(self, a, dtype=np.float64):
-        return self._cuda.to_device(np.ascontiguousarray(a, dtype=dtype))
-
-    def zeros(self, shape):
-        return self._cuda.to_device(np.zeros(shape))
-
-    def get(self, a):
-        return self._device(a).copy_to_host() if self.is_array(a) else np.array(a)
-
-    def flat(self, a):
-        return a.reshape(a.size)
-
-    def is_array(self, a):
-        """True for arrays on the device (numba, CuPy, PyTorch...)."""
-        if hasattr(a, "__cuda_array_interface__"):
-            return True
-        return bool(self._cuda.config.ENABLE_CUDASIM) and \
-            self._cuda.devicearray.is_cuda_ndarray(a)
-
-    def _device(self, a):
-        if self._cuda.config.ENABLE_CUDASIM:
-            return a
-        return self._cuda.as_cuda_array(a)
-
-    def states(self, a, name):
-        """``a`` as a C-contiguous float64 device array: a device input as it is, a host one
-        copied."""
-        if not self.is_array(a):
-            return self.put(a)
-        d = self._device(a)
-        if d.dtype != np.float64 or not d.is_c_contiguous():
-            raise TypeError(f"{name} on the device must be a C-contiguous float64 array, got "
-                            f"dtype {d.dtype}")
-        return d
-
-    def own(self, a, name):
-        """A float64 C-contiguous device copy of ``a`` (host or device) the caller may overwrite."""
-        if not self.is_array(a):
-            return self.put(a)
-        d = self.states(a, name)
-        out = self._cuda.device_array(d.shape, dtype=np.float64)
-        out.copy_to_device(d)
-        return out
-
-    def x(self):
-        return self.engine.x_device(out=self._x)
-
-    def v(self):
-        return self.engine.v_device(out=self._v)
-
-    def coefficient(self, schedule, t):
-        row = schedule[:, t]
-        return row if row.ndim == 1 else row[:, self._groups]
-
-    def gradient(self, g):
-        return g
-
-    def reserve(self, n_iter, worst):
-        runs, n = self.shape
-        if (n_iter, runs) == (runs, n):  # (T, B) would read as per-element (B, N)
-            self.engine.reserve(n_iter, np.broadcast_to(worst[:, None, None], (n_iter, runs, n)))
-        else:
-            self.engine.reserve(n_iter, np.broadcast_to(worst[:, None], (n_iter, runs)))
-
-    def state(self):
-        return self.engine.state
-
-
-# =============================================================================== models
-class _BuiltinMLP:
-    """Batched training gradient, HVP and validation loss of a tanh MLP on a backend.
-
-    ``hvp(x, meta, t, vec)`` reuses the activations that ``grad(x, meta, t)`` left in
-    the workspace, so it must follow ``grad`` at the same x and t (as the reverse
-    pass calls them).
-    """
-
-    def __init__(self, be, model, train, valid, batch_size, seed, n_iter, log_l2):
-        layout = model.layout
-        runs, n_params = be.shape
-        self._be = be
-        sizes = np.array(model.layer_sizes, dtype=np.int64)
-        n_layers = sizes.shape[0] - 1
-        self._layout = (
-            be.put(sizes, np.int64),
-            be.put([layout.slices[f"W{i}"].start for i in range(n_layers)], np.int64),
-            be.put([layout.slices[f"b{i}"].start for i in range(n_layers)], np.int64),
-            be.put(np.concatenate([[0], np.cumsum(sizes[1:-1])]), np.int64),
-        )
-        n_units = int(sizes[1:].sum())
-        self._groups = be.put(layout.groups, np.int64)
-        self._bounds = be.put(_group_bounds(layout), np.int64)
-        n_train = train[0].shape[0]
-        self._train = (be.put(train[0]), be.put(train[1]))
-        self._valid = (be.put(valid[0]), be.put(valid[1]))
-        self._batch = batch_size
-        self._n_valid = valid[0].shape[0]
-        self._idx = be.put(np.stack([minibatch(t, n_train, batch_size, seed)
-                                     for t in range(n_iter)]), np.int64)
-        self._valid_idx = be.put(np.arange(self._n_valid)[None, :], np.int64)
-        rows = max(batch_size, self._n_valid)
-        self._H = be.zeros((runs, rows, n_units))
-        self._D = be.zeros((runs, rows, n_units))
-        self._RH = be.zeros((runs, batch_size, n_units))
-        self._RD = be.zeros((runs, batch_size, n_units))
-        self._losses = be.zeros((runs, rows))
-        self._g = be.zeros((runs, n_params))
-        self._hx = be.zeros((runs, n_params))
-        self._g_valid = be.zeros((runs, n_params))
-        self._loss_valid = be.zeros(runs)
-        self._has_l2 = log_l2 is not None
-        strengths = np.exp(log_l2) if self._has_l2 else np.zeros((runs, layout.n_groups))
-        self._l2 = be.put(strengths)
-        self._no_l2 = be.zeros((runs, layout.n_groups))
-        self._h_meta = be.zeros((runs, layout.n_groups))
-        self._runs, self._n_params, self._n_groups = runs, n_params, layout.n_groups
-
-    def _example_pass(self, x, data, idx, t, n_examples):
-        self._be.run("example_pass", self._runs * n_examples, x, *data, idx, np.int64(t),
-                     np.int64(n_examples), *self._layout, self._H, self._D, self._losses)
-
-    def _param_grad(self, x, inputs, idx, t, n_examples, l2, out):
-        self._be.run("param_grad", self._runs * self._n_params, x, inputs, idx, np.int64(t),
-                     np.int64(n_examples), *self._layout, self._H, self._D, l2, self._groups,
-                     out)
-
-    def grad(self, x, meta, t):
-        self._example_pass(x, self._train, self._idx, t, self._batch)
-        self._param_grad(x, self._train[0], self._idx, t, self._batch, self._l2, self._g)
-        return self._g
-
-    def hvp(self, x, meta, t, vec):
-        be, t, m = self._be, np.int64(t), np.int64(self._batch)
-        be.run("example_r_pass", self._runs * self._batch, x, vec, *self._train, self._idx, t, m,
-               *self._layout, self._H, self._D, self._RH, self._RD)
-        be.run("param_hvp", self._runs * self._n_params, x, vec, self._train[0], self._idx, t, m,
-               *self._layout, self._H, self._D, self._RH, self._RD, self._l2, self._groups,
-               self._hx)
-        if not self._has_l2:
-            return self._hx, None
-        be.run("l2_meta", self._runs * self._n_groups, x, vec, self._l2, self._bounds,
-               self._h_meta)
-        return self._hx, self._h_meta
-
-    def valid(self, x):
-        self._example_pass(x, self._valid, self._valid_idx, 0, self._n_valid)
-        self._param_grad(x, self._valid[0], self._valid_idx, 0, self._n_valid, self._no_l2,
-                         self._g_valid)
-        self._be.run("mean_rows", self._runs, self._losses, np.int64(self._n_valid),
-                     self._loss_valid)
-        return self._loss_valid, self._g_valid
-
-
 class _CustomFunctions:
-    """The caller's ``grad_fn``, ``hvp_fn``, ``valid_fn``, with their outputs checked."""
+    """The caller's ``grad_fn``, ``hvp_fn``, ``valid_fn`` as a batched objective, outputs checked."""
 
-    def __init__(self, be, grad_fn, hvp_fn, valid_fn):
+    def __init__(self, be, grad_fn, hvp_fn, valid_fn, meta):
         self._be = be
         self._grad_fn, self._hvp_fn, self._valid_fn = grad_fn, hvp_fn, valid_fn
+        self._meta = meta
+        self.d_meta = None if meta is None else be.zeros(tuple(meta.shape))
 
     def _states(self, a, name):
         shape = tuple(getattr(a, "shape", np.shape(a)))
@@ -454,14 +196,17 @@ class _CustomFunctions:
             raise ValueError(f"{name} must return shape {self._be.shape}, got {shape}")
         return self._be.states(a, name)
 
-    def grad(self, x, meta, t):
-        return self._states(self._grad_fn(x, meta, t), "grad_fn")
+    def grad(self, x, t):
+        return self._states(self._grad_fn(x, self._meta, t), "grad_fn")
 
-    def hvp(self, x, meta, t, vec):
-        out = self._hvp_fn(x, meta, t, vec)
+    def grad_and_hvp(self, x, t, vec):
+        g = self.grad(x, t)
+        out = self._hvp_fn(x, self._meta, t, vec)
         if not (isinstance(out, tuple) and len(out) == 2):
             raise TypeError("hvp_fn must return a pair (hx, hmeta); hmeta may be None")
-        return self._states(out[0], "hvp_fn's hx"), out[1]
+        if self.d_meta is not None and out[1] is not None:
+            _add(self._be, self.d_meta, out[1])
+        return g, self._states(out[0], "hvp_fn's hx")
 
     def valid(self, x):
         out = self._valid_fn(x)
@@ -472,88 +217,6 @@ class _CustomFunctions:
             raise ValueError(f"valid_fn's loss must have shape ({self._be.shape[0]},), "
                              f"got {loss.shape}")
         return loss, self._states(out[1], "valid_fn's gradient")
-
-
-def _group_bounds(layout):
-    return np.array([layout.slices[n].start for n in layout.names] + [layout.size],
-                    dtype=np.int64)
-
-
-# =============================================================================== the run
-def _progress(iterable, enabled, desc, total):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, total=total, leave=False)
-
-
-def _execute(be, fns, meta, sched, layout, x0, progress=False, inspect=None):
-    """Algorithm 1 then Algorithm 2 for all settings on backend ``be``; a SweepResult.
-
-    ``inspect(stage, be)`` (tests only) is called with "forward" after the forward pass.
-    """
-    runs, n_params = be.shape
-    n_iter = sched.alphas.shape[1]
-    n_groups = layout.n_groups
-    eng = be.engine
-    groups, bounds = be.put(layout.groups, np.int64), be.put(_group_bounds(layout), np.int64)
-    alphas, betas_eff = be.put(sched.alphas_full), be.put(sched.betas_eff_full)
-    be.reserve(n_iter, _worst_column(sched.betas_eff_full))
-    start = be.state()
-
-    for t in _progress(range(n_iter), progress, "sweep forward", n_iter):
-        g = fns.grad(be.x(), meta, t)
-        try:
-            eng.step(be.gradient(g), be.coefficient(sched.alphas, t),
-                     be.coefficient(sched.betas, t))
-        except (OverflowError, FloatingPointError) as err:
-            where = f" (flat index = setting * {n_params} + parameter)" if be.name == "cpu" else ""
-            raise type(err)(f"iteration {t}: {err}{where}") from None
-    if inspect is not None:
-        inspect("forward", be)
-    x_final = be.get(be.x())
-    aux_bits = eng.aux_bits
-
-    loss, d_x = fns.valid(be.x())
-    valid_loss = be.get(loss).astype(np.float64)
-    d_x = be.own(d_x, "valid_fn's gradient")
-    d_v, vec = be.zeros((runs, n_params)), be.zeros((runs, n_params))
-    part_alphas = be.zeros((runs, n_iter, n_groups))
-    part_betas = be.zeros((runs, n_iter, n_groups))
-    d_meta = None if meta is None else be.zeros(tuple(meta.shape))
-    n_elem, n_part = runs * n_params, runs * n_groups
-    for t in _progress(range(n_iter - 1, -1, -1), progress, "sweep reverse", n_iter):
-        be.run("group_dot", n_part, d_x, be.v(), d_x, False, bounds, part_alphas, np.int64(t))
-        eng.unstep_position(be.coefficient(sched.alphas, t))
-        be.run("velocity_cotangent", n_elem, d_v, d_x, alphas, np.int64(t), groups)
-        be.run("hvp_direction", n_elem, vec, d_v, betas_eff, np.int64(t), groups)
-        x = be.x()
-        g = fns.grad(x, meta, t)
-        hx, h_meta = fns.hvp(x, meta, t, vec)
-        eng.unstep_velocity(be.gradient(g), be.coefficient(sched.betas, t))
-        be.run("group_dot", n_part, d_v, be.v(), g, True, bounds, part_betas, np.int64(t))
-        be.run("after_hvp", n_elem, d_x, hx, d_v, betas_eff, np.int64(t), groups)
-        if d_meta is not None and h_meta is not None:
-            _add(be, d_meta, h_meta)
-
-    end = be.state()
-    if not (np.array_equal(end.x, start.x) and not end.v.any()):
-        raise SgdRecovery("the reverse pass did not recover x0 bit for bit; the gradients "
-                          "must be deterministic functions of (x, meta, t)")
-    part_scales = be.zeros((runs, 1, n_groups))
-    be.run("group_dot", n_part, d_x, be.put(x0), d_x, False, bounds, part_scales, np.int64(0))
-
-    def shaped(part, schedule):
-        part = be.get(part)
-        return part if schedule.ndim == 3 else part.sum(axis=2)
-
-    return SweepResult(valid_loss=valid_loss,
-                       d_alphas=shaped(part_alphas, sched.alphas),
-                       d_betas=shaped(part_betas, sched.betas),
-                       d_log_init_scales=be.get(part_scales)[:, 0, :],
-                       d_meta=None if d_meta is None else be.get(d_meta),
-                       x_final=x_final,
-                       aux_bits=aux_bits)
 
 
 def _add(be, total, part):
@@ -567,10 +230,74 @@ def _add(be, total, part):
     be.run("add_flat", total.size, be.flat(total), be.flat(part))
 
 
+class _CompiledRows:
+    """The built-in model on the CPU: its compiled objective, all rows in one call on all
+    cores; row b equals a separate ``sgd`` run of the same objective with meta
+    ``{"log_l2": log_l2[b]}``."""
+
+    def __init__(self, model, train, valid, batch_size, seed, log_l2, runs):
+        from ..models import make_train_loss
+
+        self.objective = make_train_loss(model, train[0], train[1], batch_size, seed=seed,
+                                         l2=None if log_l2 is None else "group")
+        self._log_l2 = log_l2
+        self.d_meta = None if log_l2 is None else np.zeros(log_l2.shape)
+        self._valid_data = valid
+
+    def grad(self, x, t):
+        values, g = self.objective.rows_value_and_grad(x, self._log_l2, t)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad):
+            raise FloatingPointError(f"the training loss is {values[bad[0]]} at iteration {t} "
+                                     f"(setting {bad[0]})")
+        return g
+
+    def grad_and_hvp(self, x, t, vec):
+        return self.objective.rows_grad_and_hvp(x, self._log_l2, t, vec, self.d_meta)
+
+    def valid(self, x):
+        inputs, targets = self._valid_data
+        rows = [self.objective.evaluate(row, inputs, targets) for row in x]
+        return np.array([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+
+def _execute(be, fns, x0, progress=False, inspect=None):
+    """Algorithm 1 then Algorithm 2 for all settings on backend ``be``; a SweepResult.
+
+    ``inspect(stage, be)`` (tests only) is called with "forward" after the forward pass.
+    """
+    runs, _ = be.shape
+    start = be.state()
+    forward(be, fns, progress=progress)
+    if inspect is not None:
+        inspect("forward", be)
+    x_final = be.get(be.x())
+    aux_bits = be.aux_bits
+    loss, d_x = fns.valid(be.x())
+    valid_loss = be.get(loss).astype(np.float64)
+    out = reverse(be, fns, d_x, start.x, progress=progress)
+    n_groups = be.sched.alphas.shape[2]
+    part_scales = be.zeros((runs, 1, n_groups))
+    be.group_dot(out.d_x0, be.put(x0), out.d_x0, False, part_scales, 0)
+    d_meta = fns.d_meta
+
+    def shaped(part, schedule):
+        part = be.get(part)
+        return part if schedule.ndim == 3 else part.sum(axis=2)
+
+    return SweepResult(valid_loss=valid_loss,
+                       d_alphas=shaped(out.d_alphas, be.sched_given[0]),
+                       d_betas=shaped(out.d_betas, be.sched_given[1]),
+                       d_log_init_scales=be.get(part_scales)[:, 0, :],
+                       d_meta=None if d_meta is None else be.get(d_meta),
+                       x_final=x_final,
+                       aux_bits=aux_bits)
+
+
 # =============================================================================== public
 def sweep(model, data, alphas, betas, log_init_scales=0.0, meta=None, *, batch_size=None,
           seed=0, x0_noise=0, device="cpu", grad_fn=None, hvp_fn=None, valid_fn=None,
-          frac_bits=52, progress=False) -> SweepResult:
+          frac_bits=52, progress=False, _kernels=False, _inspect=None) -> SweepResult:
     """Train and reverse B hyperparameter settings of one model together; exact hypergradients.
 
     Parameters
@@ -624,7 +351,7 @@ def sweep(model, data, alphas, betas, log_init_scales=0.0, meta=None, *, batch_s
     for name, f in (("grad_fn", grad_fn), ("hvp_fn", hvp_fn), ("valid_fn", valid_fn)):
         if f is not None and not callable(f):
             raise TypeError(f"{name} must be callable, got {type(f).__name__}")
-    layout = _layout(model, custom)
+    layout = _layout(model, custom, device == "cuda" or _kernels)
     n_groups, n_params = layout.n_groups, layout.size
     alphas = _schedule("alphas", alphas, n_groups)
     runs, n_iter = alphas.shape[:2]
@@ -657,15 +384,23 @@ def sweep(model, data, alphas, betas, log_init_scales=0.0, meta=None, *, batch_s
         _require_cuda()
 
     x0 = np.exp(log_scales)[:, layout.groups] * noise
-    sched = _Schedules(alphas, betas, _full(alphas, n_groups),
-                       _full(effective_beta(betas), n_groups))
-    backend = _CudaBackend if device == "cuda" else _CpuBackend
-    be = backend(x0, layout.groups, int(frac_bits))
-    if custom:
-        fns = _CustomFunctions(be, grad_fn, hvp_fn, valid_fn)
+    sched = Schedules.of(alphas, betas, layout.groups, n_groups)
+    if device == "cuda":
+        be = CudaBackend(x0, sched, int(frac_bits), group_bounds(layout))
     else:
-        fns = _BuiltinMLP(be, model, train, valid, int(batch_size), int(seed), n_iter, meta)
-    return _execute(be, fns, meta, sched, layout, x0, progress=progress)
+        be = CpuBackend(x0, sched, int(frac_bits))
+    be.sched_given = (alphas, betas)
+    if custom:
+        fns = _CustomFunctions(be, grad_fn, hvp_fn, valid_fn, meta)
+    elif device == "cuda" or _kernels:
+        fns = KernelMLP(be, model, train, valid, int(batch_size), int(seed), n_iter, meta)
+    else:
+        fns = _CompiledRows(model, train, valid, int(batch_size), int(seed), meta, runs)
+    try:
+        return _execute(be, fns, x0, progress=progress, inspect=_inspect)
+    finally:
+        if hasattr(fns, "close"):
+            fns.close()
 
 
 def _pair(name, value):

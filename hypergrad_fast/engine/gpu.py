@@ -15,7 +15,7 @@ in the environment before numba is first imported) runs it on the CPU, slowly.
 import numpy as np
 
 from ._arith import BETA_DENOM, FIXED_LIMIT_BITS, STATE_INIT, STATE_LOW_BITS, WORD_BITS
-from .engine import EngineState, StepOrder, beta_numerator, information_bound
+from .cpu import EngineState, StepOrder, held_bits, beta_numerator, information_bound
 
 try:  # numba-cuda imports without a driver; this only guards a broken install
     from numba import cuda
@@ -212,9 +212,7 @@ class BatchedReversibleMomentum(StepOrder):
     @property
     def aux_bits(self):
         """Information held in the buffers, in bits (summed over runs and parameters)."""
-        held = np.log2(self._coder.copy_to_host().astype(np.float64)) - STATE_LOW_BITS
-        height = self._height.copy_to_host().astype(np.float64)
-        return float(WORD_BITS * height.sum() + held.sum())
+        return held_bits(self._coder.copy_to_host(), self._height.copy_to_host())
 
     @property
     def aux_nbytes(self):

@@ -23,10 +23,11 @@ import numpy as np
 from autograd import value_and_grad
 from autograd.tracer import getval
 
-from .data import MNIST_ENV, load_mnist
-from .meta import atomic_write, optimize
-from .models import MLP, ParamLayout, make_train_loss
-from .sgd import sgd
+from ..data import MNIST_ENV, load_mnist
+from ..metaopt import atomic_write, optimize
+from ..models import MLP, ParamLayout, make_train_loss
+from ..hypergrad import sgd
+from ._args import Experiment, int_at_least, positive_float, widths
 
 __all__ = ["ConfigError", "SchedulesConfig", "SchedulesProblem", "QUICK", "run_schedules"]
 
@@ -51,6 +52,7 @@ class SchedulesConfig:
     init_log_alpha: initial log learning rate (every iteration and block).
     init_beta: initial momentum decay (every block), in (0, 1).
     init_log_scale: initial log of the weight-init scale (every block).
+    backend: the training loss's derivatives, "compiled" (Numba) or "autograd" (traced).
     """
 
     hidden: tuple = (50, 50, 50)
@@ -66,11 +68,14 @@ class SchedulesConfig:
     init_log_alpha: float = -1.0
     init_beta: float = 0.9
     init_log_scale: float = -2.0
+    backend: str = "compiled"
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
         if any(h < 1 for h in self.hidden):
             raise ConfigError(f"hidden layer widths must be >= 1, got {list(self.hidden)}")
+        if self.backend not in ("compiled", "autograd"):
+            raise ConfigError(f"backend must be 'compiled' or 'autograd', got {self.backend!r}")
         if self.activation not in ("tanh", "relu"):
             raise ConfigError(f"activation must be 'tanh' or 'relu', got {self.activation!r}")
         for name in ("n_train", "n_valid", "n_test", "iters", "batch_size"):
@@ -140,7 +145,8 @@ class SchedulesProblem:
                                   ("log_scales", (n_groups,))])
         train = self.data.train
         self.train_loss = make_train_loss(self.model, train.inputs, train.targets,
-                                          config.batch_size, seed=config.seed)
+                                          config.batch_size, seed=config.seed,
+                                          backend=config.backend)
         # A fixed draw: x0 = exp(log_scale[group]) * noise keeps the hyperloss
         # a deterministic function of the hyperparameters.
         self.noise = np.random.default_rng(config.seed).standard_normal(self.layout.size)
@@ -430,3 +436,87 @@ def run_schedules(config: SchedulesConfig, out_dir, *, resume: bool = False,
     text = json.dumps(results, indent=1, allow_nan=False)
     atomic_write(paths["results"], lambda f: f.write(text.encode()))
     return results
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+def add_parser(sub):
+    """The ``schedules`` subcommand's parser, added to ``sub``."""
+    d = SchedulesConfig()
+    p = sub.add_parser(
+        "schedules",
+        help="meta-learn per-iteration learning rates, momenta and init scales (MNIST MLP)",
+        description=(
+            "Meta-optimise, with Adam on exact hypergradients of the validation loss, "
+            "the learning rate of every training iteration and weight/bias block, the "
+            "momentum and the initial weight scale of every block of an MNIST MLP "
+            "(Maclaurin et al. 2015, 'learning-rate schedules'). Writes results.json, "
+            "PNG plots and checkpoint.npz (updated every meta-iteration) into --out."),
+)
+    p.add_argument("--out", default="out/schedules", help="output folder (default: %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a short run (about half a minute): "
+                        f"{', '.join(f'{k}={v}' for k, v in QUICK.items())} unless given")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.npz (starts fresh if there is none; "
+                        "refuses a checkpoint of different settings)")
+    p.add_argument("--meta-iters", type=int_at_least(0), default=None,
+                   metavar="N",
+                   help=f"meta-iterations (Adam steps) (default: {d.meta_iters})")
+    p.add_argument("--iters", type=int_at_least(1), default=d.iters, metavar="T",
+                   help="training iterations (default: %(default)s)")
+    p.add_argument("--step-size", type=positive_float, default=d.step_size,
+                   metavar="S", help="Adam step size, in log/logit units of the "
+                                     "hyperparameters (default: %(default)s)")
+    p.add_argument("--seed", type=int_at_least(0), default=d.seed, metavar="S",
+                   help="seed of the weight draw and the minibatch order; the data split "
+                        "is fixed (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    small = p.add_argument_group("problem size (for tests and experiments)")
+    small.add_argument("--hidden", type=widths, default=d.hidden, metavar="W,W,...",
+                       help=f"hidden layer widths (default: {','.join(map(str, d.hidden))})")
+    small.add_argument("--batch-size", type=int_at_least(1), default=d.batch_size,
+                       metavar="B", help="examples per minibatch (default: %(default)s)")
+    for split, default in (("train", d.n_train), ("valid", d.n_valid), ("test", d.n_test)):
+        small.add_argument(f"--n-{split}", type=int_at_least(1), default=default,
+                           metavar="N", help=f"{split} examples (default: %(default)s)")
+    p.add_argument("--backend", choices=("compiled", "autograd"), default=d.backend,
+                   help="derivatives of the training loss: compiled Numba kernels, or "
+                        "autograd tracing (the reference) (default: %(default)s)")
+    return p
+
+
+def run_cli(args) -> int:
+    """Run the subcommand from parsed ``args``; the exit code."""
+    settings = dict(hidden=args.hidden, n_train=args.n_train, n_valid=args.n_valid,
+                    n_test=args.n_test, iters=args.iters, batch_size=args.batch_size,
+                    step_size=args.step_size, seed=args.seed,
+                    backend=args.backend)
+    if args.quick:
+        settings.update(QUICK)
+    if args.meta_iters is not None:
+        settings["meta_iters"] = args.meta_iters
+    config = SchedulesConfig(**settings)
+    start = time.perf_counter()
+    results = run_schedules(config, args.out, resume=args.resume,
+                            progress=not args.no_progress, log=print)
+    s, files = results["summary"], results["files"]
+    print(f"\nschedules done in {time.perf_counter() - start:.1f} s "
+          f"({config.meta_iters} meta-iterations, {results['n_hyperparameters']} "
+          f"hyperparameters)")
+    print(f"  {'':22s}{'initial':>10s}{'final':>10s}")
+    for key, label, scale, fmt in (("valid_loss", "valid loss (nats)", 1, ".4f"),
+                                   ("valid_error", "valid error (%)", 100, ".2f"),
+                                   ("test_loss", "test loss (nats)", 1, ".4f"),
+                                   ("test_error", "test error (%)", 100, ".2f")):
+        print(f"  {label:22s}{scale * s['initial_' + key]:>10{fmt}}"
+              f"{scale * s['final_' + key]:>10{fmt}}")
+    print(f"  results:    {files['results']}")
+    print(f"  plots:      {', '.join(files[k] for k in files if k.endswith('_plot'))}")
+    print(f"  checkpoint: {files['checkpoint']}")
+    return 0
+
+
+EXPERIMENT = Experiment("schedules", add_parser, run_cli)

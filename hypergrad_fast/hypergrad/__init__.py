@@ -1,0 +1,12 @@
+"""Hypergradients: Algorithms 1 and 2 once (``algorithm``), and the two ways to call them.
+
+:func:`sgd` is an autograd primitive for one training run of any objective;
+:func:`sweep` trains and reverses B hyperparameter settings of a built-in model
+together, on the CPU or a GPU (``_cuda``).
+"""
+
+from .algorithm import SgdRecovery
+from .sgd import sgd
+from .sweep import SweepResult, sweep
+
+__all__ = ["SgdRecovery", "SweepResult", "sgd", "sweep"]

@@ -1,0 +1,409 @@
+"""Algorithms 1 and 2 of the paper, written once, for one training run or B of them.
+
+:func:`train_and_reverse` runs the forward pass (Algorithm 1) on an exact engine
+and then the reverse pass (Algorithm 2): it undoes every step bit for bit,
+recomputes each gradient with the Hessian-vector product it needs, and
+accumulates the hypergradients.  :func:`~hypergrad_fast.sgd` (one run, any
+objective) and :func:`~hypergrad_fast.sweep` (B runs, on the CPU or a GPU) are
+both this function with a backend and a batched objective:
+
+* a *backend* holds the engine over (B, N) parameters, the schedules, and runs the
+  reverse pass's element-wise steps: :class:`CpuBackend` here,
+  :class:`~._cuda.CudaBackend` on a GPU.  The element-wise steps are the per-thread
+  functions of :mod:`~hypergrad_fast.objectives._gpu_mlp`, compiled for both.
+* a *batched objective* gives the (B, N) gradients and Hessian-vector products and
+  accumulates the meta cotangents: :class:`RowObjectives` runs an
+  :class:`~hypergrad_fast.objectives.Objective` row by row (in parallel threads
+  when it allows), :class:`~._cuda.KernelMLP` runs all rows in batched kernels.
+
+Row b of a run depends on row b's inputs alone: the engine is element-wise, each
+row's objective calls are separate, and the group sums of one row add its own
+terms in parameter order.  So B settings run together give each one the same bits
+as running it alone, whichever settings share its batch.
+
+Momentum convention: ``v <- beta v - (1 - beta) g;  x <- x + alpha v``, ``v0 = 0``.
+"""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+from ..engine import EngineState, ReversibleMomentum, effective_beta, information_bound
+from ..engine.cpu import held_bits
+from ..objectives import _gpu_mlp
+
+__all__ = ["SgdRecovery", "Schedules", "CpuBackend", "RowObjectives", "train_and_reverse"]
+
+
+class SgdRecovery(RuntimeError):
+    """The reverse pass did not return to x0 bit for bit (never expected)."""
+
+
+class Schedules(NamedTuple):
+    """Per-setting, per-iteration, per-group coefficients, as the backends take them.
+
+    alphas:    (B, T, G) learning rates.
+    betas:     (B, T, G) momentum decays as given (the engine rounds them itself).
+    betas_eff: (B, T, G) the decays the engine uses (:func:`effective_beta`).
+    groups:    (N,) int64, each parameter's column in G.
+    """
+
+    alphas: np.ndarray
+    betas: np.ndarray
+    betas_eff: np.ndarray
+    groups: np.ndarray
+
+    @classmethod
+    def of(cls, alphas, betas, groups, n_groups):
+        """From (B, T) or (B, T, G) float64 arrays (checked by the caller); a (B, T) or
+        (B, T, 1) schedule holds one value for every group."""
+        alphas, betas = (a[:, :, None] if a.ndim == 2 else a for a in (alphas, betas))
+        shape = alphas.shape[:2] + (n_groups,)
+
+        def full(a):
+            return np.ascontiguousarray(np.broadcast_to(a, shape), dtype=np.float64)
+
+        betas = full(betas)
+        return cls(full(alphas), betas, effective_beta(betas), np.asarray(groups, np.int64))
+
+    @property
+    def n_iter(self):
+        return self.alphas.shape[1]
+
+    def worst_column(self):
+        """The (T,) decays of the (setting, group) whose stacks grow the most."""
+        bits = information_bound(self.betas_eff).sum(axis=1)
+        b, g = np.unravel_index(np.argmax(bits), bits.shape)
+        return self.betas_eff[b, :, g]
+
+
+@njit(cache=True)
+def _block_sums(a, c, e, use_e, bounds, out, t):
+    """``out[b, t, group] = sum of a * (c + e)`` over contiguous groups ``bounds[g]:bounds[g+1]``,
+    in parameter order from 0.0 (the order of the GPU kernel ``group_dot``)."""
+    for b in range(a.shape[0]):
+        for grp in range(bounds.shape[0] - 1):
+            acc = 0.0
+            if use_e:
+                for i in range(bounds[grp], bounds[grp + 1]):
+                    acc += a[b, i] * (c[b, i] + e[b, i])
+            else:
+                for i in range(bounds[grp], bounds[grp + 1]):
+                    acc += a[b, i] * c[b, i]
+            out[b, t, grp] = acc
+
+
+@njit(cache=True)
+def _group_sums(a, c, e, use_e, groups, out, t):
+    """``out[b, t, group] = sum of a * (c + e)`` (``a * c`` without ``use_e``) per group.
+
+    Terms are added in parameter order from 0.0: for contiguous groups exactly the
+    order (and so the bits) of the per-group GPU kernel ``group_dot``.
+    """
+    n_runs, n_params = a.shape
+    for b in range(n_runs):
+        for grp in range(out.shape[2]):
+            out[b, t, grp] = 0.0
+        if use_e:
+            for i in range(n_params):
+                out[b, t, groups[i]] += a[b, i] * (c[b, i] + e[b, i])
+        else:
+            for i in range(n_params):
+                out[b, t, groups[i]] += a[b, i] * c[b, i]
+
+
+class _Coefficients:
+    """The engine's prepared coefficient for row t of a (B, T, G) schedule.
+
+    The last two distinct rows are kept, keyed by their values, so a schedule that
+    holds its rows is expanded and validated once, not at every step of both passes.
+    A row with one value throughout goes to the engine as a scalar.
+    """
+
+    def __init__(self, schedule, groups, prepare):
+        self._schedule, self._groups, self._prepare = schedule, groups, prepare
+        self._kept = {}
+
+    def __getitem__(self, t):
+        row = self._schedule[:, t, :]
+        key = row.tobytes()
+        value = self._kept.get(key)
+        if value is None:
+            first = row.flat[0]
+            per_param = first if (row == first).all() else row[:, self._groups].ravel()
+            value = self._prepare(per_param)
+            if len(self._kept) == 2:
+                del self._kept[next(iter(self._kept))]
+            self._kept[key] = value
+        return value
+
+
+class CpuBackend:
+    """One :class:`ReversibleMomentum` per setting (row); host arrays.
+
+    Each row has its own engine, so a setting's coefficients stay scalars when its
+    schedule row is constant over groups (the engine's cheapest path) and its
+    result is that of a separate run by construction.
+    """
+
+    name = "cpu"
+
+    def __init__(self, x0, sched: Schedules, frac_bits):
+        self.shape = x0.shape
+        self.sched = sched
+        self.engines = [ReversibleMomentum(row, frac_bits=frac_bits) for row in x0]
+        self._alpha = [_Coefficients(sched.alphas[b:b + 1], sched.groups, e.prepare_alpha)
+                       for b, e in enumerate(self.engines)]
+        self._beta = [_Coefficients(sched.betas[b:b + 1], sched.groups, e.prepare_beta)
+                      for b, e in enumerate(self.engines)]
+        self._loops = _gpu_mlp.cpu_loops()
+        self.groups = sched.groups
+        n_groups = sched.alphas.shape[2]
+        self._bounds = None
+        if np.all(self.groups[1:] >= self.groups[:-1]):  # contiguous blocks
+            self._bounds = np.searchsorted(self.groups, np.arange(n_groups + 1)).astype(np.int64)
+        self._alpha_values = _Coefficients(sched.alphas, sched.groups, self._shaped)
+        self._beta_values = _Coefficients(
+            sched.betas_eff, sched.groups, lambda b: (self._shaped(b), self._shaped(-(1.0 - b))))
+
+    def _shaped(self, per_param):
+        """A scalar, or a flat per-parameter row as (B, N)."""
+        return per_param if np.ndim(per_param) == 0 else per_param.reshape(self.shape)
+
+    # arrays
+    def put(self, a, dtype=np.float64):
+        return np.array(a, dtype=dtype, order="C")
+
+    def zeros(self, shape):
+        return np.zeros(shape)
+
+    def get(self, a):
+        return np.array(a)
+
+    def flat(self, a):
+        return a.reshape(-1)
+
+    def is_array(self, a):
+        return isinstance(a, np.ndarray)
+
+    def own(self, a, name):
+        """A C-contiguous float64 copy of ``a`` that the caller may overwrite."""
+        return np.array(a, dtype=np.float64, order="C")
+
+    def states(self, a, name):
+        return np.ascontiguousarray(a, dtype=np.float64)
+
+    def run(self, name, n_threads, *args):
+        getattr(self._loops, name)(np.int64(n_threads), *args)
+
+    # the engines
+    def _rows(self, name):
+        if len(self.engines) == 1:
+            return getattr(self.engines[0], name).reshape(self.shape)
+        return np.stack([getattr(e, name) for e in self.engines])
+
+    def x(self):
+        return self._rows("x")
+
+    def v(self):
+        return self._rows("v")
+
+    @property
+    def aux_bits(self):
+        """Bits held by the information buffers of every row."""
+        if len(self.engines) == 1:
+            return self.engines[0].aux_bits
+        state = self.state()
+        return held_bits(state.coder, state.height)
+
+    def reserve(self):
+        worst = self.sched.worst_column()[:, None]
+        for e in self.engines:
+            e.reserve(self.sched.n_iter, worst)
+
+    def _each(self, call):
+        for b, engine in enumerate(self.engines):
+            try:
+                call(b, engine)
+            except (OverflowError, FloatingPointError, ValueError, RuntimeError) as err:
+                if len(self.engines) == 1:
+                    raise
+                raise type(err)(f"setting {b}: {err}") from None
+
+    def step(self, g, t):
+        self._each(lambda b, e: e.step(g[b], self._alpha[b][t], self._beta[b][t]))
+
+    def unstep_position(self, t):
+        self._each(lambda b, e: e.unstep_position(self._alpha[b][t]))
+
+    def unstep_velocity(self, g, t):
+        self._each(lambda b, e: e.unstep_velocity(g[b], self._beta[b][t]))
+
+    def state(self):
+        """The exact state with x, v, coder, height as (B, N), words (rows, B, N)."""
+        states = [e.state for e in self.engines]
+        rows = max(s.words.shape[0] for s in states)
+        words = np.zeros((rows,) + self.shape, dtype=states[0].words.dtype)
+        for b, s in enumerate(states):
+            words[:s.words.shape[0], b] = s.words
+        return EngineState(*(np.stack([getattr(s, f) for s in states])
+                             for f in ("x", "v", "coder", "height")), words)
+
+    def group_dot(self, a, c, e, use_e, out, t):
+        """``out[:, t, group] = per-group sums of a * (c + e)`` (``a * c`` without ``use_e``)."""
+        if self._bounds is not None:
+            _block_sums(a, c, e, use_e, self._bounds, out, np.int64(t))
+        else:
+            _group_sums(a, c, e, use_e, self.groups, out, np.int64(t))
+
+    # The reverse pass's element-wise steps: each one IEEE operation per element, as in
+    # the per-thread kernels of the GPU, so the bits are the same.
+    def velocity_cotangent(self, d_v, d_x, t):
+        """``d_v += alpha_t * d_x``."""
+        d_v += self._alpha_values[t] * d_x
+
+    def hvp_direction(self, vec, d_v, t):
+        """``vec = -(1 - beta_t) * d_v`` (beta_t the effective decay)."""
+        np.multiply(self._beta_values[t][1], d_v, out=vec)
+
+    def after_hvp(self, d_x, hx, d_v, t):
+        """``d_x += hx``; ``d_v *= beta_t``."""
+        d_x += hx
+        d_v *= self._beta_values[t][0]
+
+
+
+class RowObjectives:
+    """B runs of one :class:`~hypergrad_fast.objectives.Objective`, each with its own meta.
+
+    Rows are evaluated one after another, or on ``threads`` threads when the
+    objective is thread-safe; each row's result is the same either way.
+    ``want_meta`` accumulates ``d/dmeta`` of each row's Hessian-vector products.
+    """
+
+    def __init__(self, objective, metas, want_meta, threads=None):
+        self.objective, self.metas = objective, list(metas)
+        self.d_metas = [objective.meta_zeros(m) for m in self.metas] if want_meta else None
+        runs = len(self.metas)
+        if threads is None:
+            threads = min(runs, os.cpu_count() or 1) if objective.thread_safe else 1
+        self._pool = ThreadPoolExecutor(threads) if threads > 1 and runs > 1 else None
+        self.threads = threads
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    def _rows(self, one):
+        runs = len(self.metas)
+        if self._pool is None:
+            return [one(b) for b in range(runs)]
+        # One task per thread, each a contiguous range of rows: a task per row would
+        # cost the pool's hand-over for every row.
+        n_tasks = self._pool._max_workers
+        ranges = np.array_split(np.arange(runs), n_tasks)
+        parts = self._pool.map(lambda rows: [one(b) for b in rows], ranges)
+        return [r for part in parts for r in part]
+
+    def _where(self, b):
+        return f" (setting {b})" if len(self.metas) > 1 else ""
+
+    def grad(self, x, t):
+        def one(b):
+            value, g = self.objective.value_and_grad(x[b], self.metas[b], t)
+            if np.ndim(value) != 0:
+                raise ValueError(f"loss must return a scalar, got shape {np.shape(value)}")
+            if not np.isfinite(value):
+                raise FloatingPointError(f"the training loss is {value} at iteration {t}"
+                                         + self._where(b))
+            return g
+        return _stack(self._rows(one))
+
+    def grad_and_hvp(self, x, t, vec):
+        def one(b):
+            d_meta = None if self.d_metas is None else self.d_metas[b]
+            g, hx, d_meta = self.objective.grad_and_hvp(x[b], self.metas[b], t, vec[b], d_meta)
+            if self.d_metas is not None:
+                self.d_metas[b] = d_meta
+            return g, hx
+        rows = self._rows(one)
+        return _stack([r[0] for r in rows]), _stack([r[1] for r in rows])
+
+
+def _stack(rows):
+    if len(rows) == 1:
+        return np.asarray(rows[0], dtype=np.float64).reshape(1, -1)
+    return np.stack(rows).astype(np.float64, copy=False)
+
+
+def _progress(iterable, enabled, desc, total):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+def _at_iteration(err, t, be, phase):
+    """The engine's error with the iteration (and, for B runs, the setting) in front."""
+    return type(err)(f"{phase}iteration {t}: {err}")
+
+
+def forward(be, objective, progress=False, callback=None):
+    """Algorithm 1: train every row for the schedules' T iterations on ``be``."""
+    n_iter = be.sched.n_iter
+    be.reserve()
+    for t in _progress(range(n_iter), progress, "forward", n_iter):
+        g = objective.grad(be.x(), t)
+        try:
+            be.step(g, t)
+        except (OverflowError, FloatingPointError) as err:
+            raise _at_iteration(err, t, be, "") from None
+        if callback is not None:
+            callback(t, be, g)
+
+
+class Reversed(NamedTuple):
+    """What the reverse pass returns, as backend arrays."""
+
+    d_x0: object  # (B, N)
+    d_alphas: object  # (B, T, G)
+    d_betas: object  # (B, T, G), through the effective decays
+
+
+def reverse(be, objective, d_x, x0_state, progress=False):
+    """Algorithm 2: undo the run on ``be`` and accumulate the hypergradients.
+
+    ``d_x`` is the (B, N) cotangent of x_T (it is not overwritten); ``x0_state`` the
+    engine's fixed-point x at the start, to check that the reverse pass came back to
+    it bit for bit.
+    """
+    runs, n_params = be.shape
+    n_iter, n_groups = be.sched.n_iter, be.sched.alphas.shape[2]
+    d_x = be.own(d_x, "d_x")
+    d_v, vec = be.zeros((runs, n_params)), be.zeros((runs, n_params))
+    d_alphas = be.zeros((runs, n_iter, n_groups))
+    d_betas = be.zeros((runs, n_iter, n_groups))
+    for t in _progress(range(n_iter - 1, -1, -1), progress, "reverse", n_iter):
+        be.group_dot(d_x, be.v(), d_x, False, d_alphas, t)
+        try:
+            be.unstep_position(t)
+        except (OverflowError, FloatingPointError, RuntimeError) as err:
+            raise _at_iteration(err, t, be, "reverse pass, ") from None
+        be.velocity_cotangent(d_v, d_x, t)
+        be.hvp_direction(vec, d_v, t)
+        g, hx = objective.grad_and_hvp(be.x(), t, vec)
+        try:
+            be.unstep_velocity(g, t)
+        except (OverflowError, FloatingPointError, RuntimeError) as err:
+            raise _at_iteration(err, t, be, "reverse pass, ") from None
+        be.group_dot(d_v, be.v(), g, True, d_betas, t)
+        be.after_hvp(d_x, hx, d_v, t)
+    end = be.state()
+    if not (np.array_equal(end.x, x0_state) and not end.v.any()):
+        raise SgdRecovery("the reverse pass did not recover x0 bit for bit; the loss (or "
+                          "gradient functions) and minibatches must be deterministic in "
+                          "(x, meta, t)")
+    return Reversed(d_x, d_alphas, d_betas)

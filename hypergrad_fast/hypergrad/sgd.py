@@ -1,0 +1,193 @@
+"""SGD with momentum as an autograd primitive whose VJP runs training backwards.
+
+``x_T = sgd(loss, x0, alphas, betas, meta)`` trains with the paper's Algorithm 1 on
+the exact engine; its vector-Jacobian product is Algorithm 2: it undoes the steps
+exactly, recomputes each gradient on the way back, and accumulates the gradients
+of x0, the learning-rate and momentum schedules and ``meta`` with one
+Hessian-vector product per iteration.  Memory is that of the information buffer
+(about log2(1/beta) bits per parameter per iteration), not of the trajectory.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+from autograd import builtins as ag_builtins
+from autograd.extend import defvjp_argnums, primitive
+from autograd.tracer import getval, isbox
+
+from ..objectives import Objective, as_objective
+from .algorithm import CpuBackend, RowObjectives, Schedules, SgdRecovery, forward, reverse
+
+__all__ = ["sgd", "SgdRecovery"]
+
+
+def _index(multi_index):
+    return "[" + ", ".join(str(int(i)) for i in multi_index) + "]"
+
+
+def _check_schedules(x0, alphas, betas, groups):
+    """Validate shapes and values up front; returns (T, n_groups or 0, groups)."""
+    if np.ndim(x0) != 1 or np.shape(x0)[0] == 0:
+        raise ValueError(f"x0 must be a non-empty 1-D array, got shape {np.shape(x0)}")
+    n = np.shape(x0)[0]
+    a_shape, b_shape = np.shape(alphas), np.shape(betas)
+    if len(a_shape) not in (1, 2) or a_shape[0] == 0:
+        raise ValueError(f"alphas must have shape (T,) or (T, G), got {a_shape}")
+    if len(b_shape) not in (1, 2) or b_shape[0] != a_shape[0]:
+        raise ValueError(f"betas must have shape (T,) or (T, G) with the T of alphas "
+                         f"({a_shape[0]}), got {b_shape}")
+    n_groups = 0
+    for name, shape in (("alphas", a_shape), ("betas", b_shape)):
+        if len(shape) == 2:
+            if groups is None:
+                raise ValueError(f"{name} has shape {shape}: pass groups, an int array of "
+                                 f"length {n} giving each parameter's column")
+            if n_groups and shape[1] != n_groups:
+                raise ValueError(f"alphas and betas disagree on the number of groups "
+                                 f"({a_shape} vs {b_shape})")
+            n_groups = shape[1]
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.shape != (n,) or groups.dtype.kind not in "iu":
+            raise ValueError(f"groups must be an int array of shape ({n},), got "
+                             f"{groups.dtype} {groups.shape}")
+        groups = groups.astype(np.int64)
+        bad = np.flatnonzero((groups < 0) | (groups >= n_groups)) if n_groups else []
+        if len(bad):
+            raise ValueError(f"groups[{bad[0]}] = {groups[bad[0]]} is outside [0, {n_groups})")
+    for name, a in (("alphas", alphas), ("betas", betas)):
+        a = np.asarray(a, dtype=np.float64)
+        finite = np.isfinite(a)
+        if not finite.all():
+            i = np.unravel_index(np.argmin(finite), a.shape)
+            raise FloatingPointError(f"{name}{_index(i)} = {a[i]} is not finite")
+    b = np.asarray(betas, dtype=np.float64)
+    inside = (b > 0) & (b <= 1)
+    if not inside.all():
+        i = np.unravel_index(np.argmin(inside), b.shape)
+        raise ValueError(f"betas{_index(i)} = {b[i]} is outside (0, 1]")
+    return a_shape[0], n_groups, groups
+
+
+@dataclass
+class _Run:
+    """What the forward pass hands to the reverse pass (not differentiated)."""
+
+    objective: Objective
+    groups: np.ndarray
+    callback: Optional[Callable]
+    frac_bits: int
+    progress: bool
+    backend: Any = None
+    x0_fixed: Any = None
+
+
+def _backend(x0, alphas, betas, run):
+    n_groups = max(alphas.shape[1], betas.shape[1])
+    sched = Schedules.of(alphas[None], betas[None], run.groups, n_groups)
+    return CpuBackend(x0[None, :], sched, run.frac_bits)
+
+
+def _forward(x0, alphas, betas, meta, run):
+    """Algorithm 1 on the exact engine; keeps the engine in ``run`` for the reverse."""
+    be = _backend(x0, alphas, betas, run)
+    run.x0_fixed = be.state().x
+    callback = None
+    if run.callback is not None:
+        def callback(t, be, g):
+            run.callback(t, be.engines[0].x, be.engines[0].v, g[0])
+    rows = RowObjectives(run.objective, [meta], want_meta=False)
+    forward(be, rows, progress=run.progress, callback=callback)
+    run.backend = be
+    return be.engines[0].x
+
+
+def _reverse(run, meta, d_x, need_meta=True):
+    """Algorithm 2 over the run's engine: (d_x0, d_alphas, d_betas, d_meta).
+
+    Without ``need_meta`` the Hessian-vector products are taken in x alone.
+    """
+    be = run.backend
+    if be is None:
+        raise RuntimeError("this sgd run was already reversed; call sgd again")
+    run.backend = None  # one reverse pass per forward run
+    rows = RowObjectives(run.objective, [meta], want_meta=need_meta)
+    d_x = np.asarray(d_x, dtype=np.float64).reshape(1, -1)
+    out = reverse(be, rows, d_x, run.x0_fixed, progress=run.progress)
+    d_meta = rows.d_metas[0] if need_meta else rows.objective.meta_zeros(meta)
+    return out.d_x0[0], out.d_alphas[0], out.d_betas[0], d_meta
+
+
+def _shaped(part, schedule):
+    """A (T, G) per-group part shaped like its (T,) or (T, G) schedule."""
+    return part if np.ndim(schedule) == 2 else part.sum(axis=1)
+
+
+@primitive
+def _sgd(x0, alphas, betas, meta, run):
+    return _forward(np.asarray(x0, dtype=np.float64), _as_2d(alphas), _as_2d(betas), meta, run)
+
+
+def _as_2d(schedule):
+    a = np.asarray(schedule, dtype=np.float64)
+    return a if a.ndim == 2 else a[:, None]
+
+
+def _sgd_vjp_maker(argnums, ans, args, kwargs):
+    _, alphas, betas, meta, run = args
+
+    def vjp(g):
+        d_x0, d_alphas, d_betas, d_meta = _reverse(run, meta, g, need_meta=3 in argnums)
+        grads = (d_x0, _shaped(d_alphas, alphas), _shaped(d_betas, betas), d_meta)
+        return tuple(grads[i] for i in argnums)
+
+    return vjp
+
+
+defvjp_argnums(_sgd, _sgd_vjp_maker)
+
+
+def _box_containers(meta):
+    """Rebuild plain containers holding boxed leaves so autograd sees one boxed value."""
+    if isinstance(meta, (tuple, list)) and not isbox(meta):
+        items = [_box_containers(m) for m in meta]
+        return (ag_builtins.tuple(items) if isinstance(meta, tuple)
+                else ag_builtins.list(items))
+    if isinstance(meta, dict) and not isbox(meta):
+        return ag_builtins.dict({k: _box_containers(m) for k, m in meta.items()})
+    return meta
+
+
+def sgd(loss, x0, alphas, betas, meta=None, *, groups=None, callback=None, frac_bits=52,
+        progress=False):
+    """Train with SGD with momentum, exactly reversibly; differentiable by autograd.
+
+    Parameters
+    ----------
+    loss : callable ``loss(x, meta, t) -> scalar``
+        The training loss at iteration ``t`` (autograd.numpy); its minibatch must be
+        a deterministic function of ``t``.
+    x0 : (N,) float64 — initial weights.
+    alphas, betas : (T,) or (T, G) — learning rates and momentum decays per
+        iteration (and per group).  betas lie in (0, 1] and are used as
+        :func:`~hypergrad_fast.effective_beta` of themselves.
+    meta : array or autograd container (tuple/list/dict) of arrays, or None —
+        any other input of the loss (regularisation, training data).
+    groups : (N,) int array — each parameter's column in (T, G) schedules.
+    callback : ``callback(t, x, v, g)`` after each forward iteration.
+
+    Returns ``x_T`` (N,).  ``autograd.grad`` through it returns exact-trajectory
+    hypergradients for ``x0``, ``alphas``, ``betas`` and ``meta`` from one reverse
+    pass; the reverse pass checks that it returned to ``x0`` bit for bit.
+    Update rule: ``v <- beta v - (1 - beta) g;  x <- x + alpha v``, ``v0 = 0``.
+    """
+    x0_, alphas_, betas_ = getval(x0), getval(alphas), getval(betas)
+    _, n_groups, groups = _check_schedules(x0_, alphas_, betas_, groups)
+    if not n_groups:  # (T,) schedules: one group holds every parameter
+        groups = np.zeros(np.shape(x0_)[0], dtype=np.int64)
+    run = _Run(objective=as_objective(loss), groups=groups, callback=callback,
+               frac_bits=frac_bits, progress=progress)
+    if meta is None:
+        meta = np.zeros(0)
+    return _sgd(x0, alphas, betas, _box_containers(meta), run)

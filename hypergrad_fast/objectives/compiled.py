@@ -1,0 +1,190 @@
+"""Compiled training losses of the built-in models: no autograd tracing per step.
+
+:class:`CompiledMLPLoss` is the :class:`~.base.Objective` of an
+:class:`~hypergrad_fast.models.MLP` (tanh or ReLU hidden layers, any widths) or a
+:class:`~hypergrad_fast.models.LogisticRegression`: mean softmax cross-entropy over
+the minibatch of iteration t, plus optional L2 penalties (per group or per weight,
+``meta["log_l2"]``), optionally on training inputs learned as ``meta["inputs"]``.
+Its gradient and Hessian-vector product are the Numba kernels of
+:mod:`._mlp_kernels`; it is still callable as ``loss(x, meta, t)`` through the
+equivalent autograd loss, so ``autograd.grad(loss)`` keeps working.
+
+Build it with :func:`hypergrad_fast.models.make_train_loss` (``backend="compiled"``,
+the default), which validates the data.
+"""
+
+import threading
+
+import numpy as np
+
+from . import _mlp_kernels as kernels
+from .base import Objective
+from .batches import minibatch
+from .layout import block_offsets, group_bounds
+
+__all__ = ["CompiledMLPLoss"]
+
+_EMPTY = np.empty(0)
+_NO_BOUNDS = np.empty(0, dtype=np.int64)
+
+
+class CompiledMLPLoss(Objective):
+    """Mean cross-entropy (+ L2) of an MLP on minibatch t, with compiled derivatives.
+
+    Parameters (already validated by ``make_train_loss``)
+    ----------
+    model : an MLP / LogisticRegression (``layer_sizes``, ``activation``, ``layout``).
+    inputs, targets : (n, n_in) and (n, n_out) C-contiguous float64.
+    batch_size, seed : minibatch t is ``minibatch(t, n, batch_size, seed)``...
+    batches : ...unless this (T, batch_size) int64 table is given: row t.
+    l2 : None, "group" or "weight" — the shape of ``meta["log_l2"]``.
+    learn_inputs : the training inputs are ``meta["inputs"]`` instead of ``inputs``.
+    autograd_loss : the same loss written with autograd, for ``__call__``.
+    """
+
+    thread_safe = True
+
+    def __init__(self, model, inputs, targets, batch_size, seed, batches, l2, learn_inputs,
+                 autograd_loss):
+        self.model = model
+        self.inputs, self.targets = inputs, targets
+        self.batch_size, self.seed, self.batches = batch_size, seed, batches
+        self.l2, self.learn_inputs = l2, learn_inputs
+        self._autograd_loss = autograd_loss
+        layout = model.layout
+        self._size = layout.size
+        self._sizes = np.array(model.layer_sizes, dtype=np.int64)
+        self._w_off, self._b_off = block_offsets(layout, model.n_layers)
+        self._relu = model.activation == "relu"
+        self._l2_shape = {None: None, "group": (layout.n_groups,), "weight": (layout.size,)}[l2]
+        self._groups = layout.groups
+        self._bounds = group_bounds(layout)
+        self._strength_key, self._strength = None, None
+        self._scratch = threading.local()  # per-thread gathered batch (runs go in threads)
+
+    def __call__(self, x, meta, t):
+        """The loss value, traced by autograd (so ``grad(loss)`` works as for any loss)."""
+        return self._autograd_loss(x, meta, t)
+
+    def __repr__(self):
+        extras = "".join([f", l2={self.l2!r}" if self.l2 else "",
+                          ", learn_inputs=True" if self.learn_inputs else ""])
+        return (f"CompiledMLPLoss({self.model!r}, n={len(self.targets)}, "
+                f"batch_size={self.batch_size}{extras})")
+
+    # ------------------------------------------------------------------ inputs
+    def batch(self, t):
+        """The example indices of iteration t, int64 (batch_size,)."""
+        if self.batches is None:
+            return minibatch(t, len(self.targets), self.batch_size, self.seed)
+        if not 0 <= t < len(self.batches):
+            raise ValueError(f"iteration {t} has no row in batches (shape {self.batches.shape})")
+        return self.batches[t]
+
+    def _batch_data(self, x, meta, t):
+        if np.shape(x) != (self._size,):
+            raise ValueError(f"x must have shape ({self._size},), got {np.shape(x)}")
+        idx = self.batch(t)
+        source = self._meta_array(meta, "inputs", self.inputs.shape) if self.learn_inputs \
+            else self.inputs
+        # Reused buffers: a fresh array of a megabyte costs its page faults at every call.
+        buffers = getattr(self._scratch, "buffers", None)
+        if buffers is None or buffers[0].shape[0] != len(idx):
+            buffers = (np.empty((len(idx), self.inputs.shape[1])),
+                       np.empty((len(idx), self.targets.shape[1])))
+            self._scratch.buffers = buffers
+        return (idx, kernels.gather_rows(source, idx, buffers[0]),
+                kernels.gather_rows(self.targets, idx, buffers[1]))
+
+    def _meta_array(self, meta, key, shape):
+        try:
+            value = meta[key]
+        except (KeyError, TypeError, IndexError):
+            raise ValueError(f"this loss needs meta[{key!r}] of shape {shape}; meta is "
+                             f"{type(meta).__name__}") from None
+        value = np.asarray(value, dtype=np.float64)
+        if value.shape != shape:
+            raise ValueError(f"meta[{key!r}] must have shape {shape}, got {value.shape}")
+        return np.ascontiguousarray(value)
+
+    def _strengths(self, meta):
+        """exp(meta["log_l2"]) per parameter, kept while log_l2 stays the same."""
+        log_l2 = self._meta_array(meta, "log_l2", self._l2_shape)
+        key = log_l2.tobytes()
+        if key != self._strength_key:
+            per_param = log_l2[self._groups] if self.l2 == "group" else log_l2
+            self._strength_key, self._strength = key, np.exp(per_param)
+        return self._strength
+
+    # ------------------------------------------------------------------ the objective
+    def value_and_grad(self, x, meta, t):
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        _, inputs, targets = self._batch_data(x, meta, t)
+        g = np.empty(self._size)
+        value = kernels.value_grad(x, inputs, targets, self._sizes, self._w_off, self._b_off,
+                                   self._relu, g)
+        if self.l2 is not None:
+            value += kernels.l2_value_grad(self._strengths(meta), x, g)
+        return value, g
+
+    def grad_and_hvp(self, x, meta, t, u, d_meta):
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        u = np.ascontiguousarray(u, dtype=np.float64)
+        idx, inputs, targets = self._batch_data(x, meta, t)
+        g, hu = np.empty(self._size), np.empty(self._size)
+        want_inputs = self.learn_inputs and d_meta is not None
+        d_inputs = np.empty(inputs.shape if want_inputs else (0, 0))
+        kernels.grad_hvp(x, u, inputs, targets, self._sizes, self._w_off, self._b_off,
+                         self._relu, want_inputs, g, hu, d_inputs)
+        has_dict = isinstance(d_meta, dict)
+        if self.l2 is not None:
+            d_log_l2 = _EMPTY
+            if has_dict:
+                d_log_l2 = np.array(d_meta["log_l2"], dtype=np.float64)
+                d_meta["log_l2"] = d_log_l2
+            bounds = self._bounds if self.l2 == "group" else _NO_BOUNDS
+            kernels.l2_grad_hvp(self._strengths(meta), x, u, g, hu, bounds, d_log_l2)
+        if want_inputs and has_dict:
+            d_all = np.array(d_meta["inputs"], dtype=np.float64)
+            np.add.at(d_all, idx, d_inputs)
+            d_meta["inputs"] = d_all
+        return g, hu, d_meta
+
+    # ------------------------------------------------------------------ B runs at once
+    def rows_value_and_grad(self, x, log_l2, t):
+        """``(values (B,), g (B, N))`` of B parameter rows, row b with per-group penalty
+        ``log_l2[b]`` (or none when ``log_l2`` is None); row b has the bits of
+        ``value_and_grad(x[b], {"log_l2": log_l2[b]}, t)``.  Runs on all cores."""
+        g, values = np.empty(x.shape), np.empty(x.shape[0])
+        kernels.value_grad_rows(x, self.inputs, self.targets, self.batch(t), self._sizes,
+                                self._w_off, self._b_off, self._relu, self._rows_l2(log_l2),
+                                g, values)
+        return values, g
+
+    def rows_grad_and_hvp(self, x, log_l2, t, u, d_log_l2):
+        """Rows of ``grad_and_hvp``; adds row b's ``d/dlog_l2`` to ``d_log_l2[b]`` (B, G)."""
+        g, hu = np.empty(x.shape), np.empty(x.shape)
+        kernels.grad_hvp_rows(x, u, self.inputs, self.targets, self.batch(t), self._sizes,
+                              self._w_off, self._b_off, self._relu, self._rows_l2(log_l2),
+                              self._bounds, g, hu,
+                              np.empty((0, 0)) if d_log_l2 is None else d_log_l2)
+        return g, hu
+
+    def _rows_l2(self, log_l2):
+        if self.l2 is None or log_l2 is None:
+            return np.empty((0, self._size))
+        key = ("rows", log_l2.tobytes())
+        if key != self._strength_key:
+            self._strength_key = key
+            self._strength = np.ascontiguousarray(np.exp(log_l2[:, self._groups]))
+        return self._strength
+
+    def evaluate(self, x, inputs=None, targets=None):
+        """``(mean cross-entropy, its gradient in x)`` on whole data (default: the training
+        set), no penalty: a validation loss for the sweeps."""
+        inputs = self.inputs if inputs is None else np.ascontiguousarray(inputs, np.float64)
+        targets = self.targets if targets is None else np.ascontiguousarray(targets, np.float64)
+        g = np.empty(self._size)
+        value = kernels.value_grad(np.ascontiguousarray(x, dtype=np.float64), inputs, targets,
+                                   self._sizes, self._w_off, self._b_off, self._relu, g)
+        return value, g
