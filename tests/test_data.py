@@ -1,7 +1,10 @@
 """Tests for hypergrad_fast.data: IDX files, the embedded 5k digits, splits, caching."""
 
 import gzip
+import io
 import os
+import tracemalloc
+import zipfile
 
 import numpy as np
 import pytest
@@ -89,6 +92,86 @@ def test_read_idx_truncated_gz(tmp_path):
 def test_read_idx_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_idx(tmp_path / "nope")
+
+
+# A reader that reads only what a header promises stays far below this
+# (bytes, as traced by tracemalloc, which NumPy's allocations report to).
+_SMALL_PEAK = 4 * 2**20
+_LABELS_HEADER_5 = bytes([0, 0, 8, 1, 0, 0, 0, 5])
+
+
+def _peak_of(fn, *args, **kwargs):
+    """Run ``fn``; return (its result or the exception it raised, peak traced bytes)."""
+    tracemalloc.start()
+    try:
+        outcome = fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the caller checks which one
+        outcome = exc
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return outcome, peak
+
+
+def test_read_idx_gz_trailing_data_is_not_read(tmp_path):
+    # 50 MB of zeros compress to about 50 kB, so a small .gz can hide them.
+    fname = tmp_path / "labels.gz"
+    payload = _LABELS_HEADER_5 + bytes(5) + bytes(50 * 2**20)
+    fname.write_bytes(gzip.compress(payload, compresslevel=1))
+    exc, peak = _peak_of(read_idx, fname)
+    assert isinstance(exc, ValueError) and "labels.gz" in str(exc)
+    assert peak < _SMALL_PEAK
+
+
+def test_read_idx_sparse_file_is_not_read(tmp_path):
+    # A sparse file costs no disk but reads back as 256 MiB of zeros.
+    fname = tmp_path / "labels"
+    with open(fname, "wb") as f:
+        f.write(_LABELS_HEADER_5 + bytes(5))
+        f.truncate(256 * 2**20)
+    exc, peak = _peak_of(read_idx, fname)
+    assert isinstance(exc, ValueError) and "labels" in str(exc)
+    assert "bytes" in str(exc)
+    assert peak < _SMALL_PEAK
+
+
+def test_load_mnist_sparse_idx_file_is_not_read(tmp_path):
+    d = _write_fake_mnist(tmp_path / "mnist")
+    with open(d / "train-images-idx3-ubyte", "r+b") as f:
+        f.truncate(256 * 2**20)
+    exc, peak = _peak_of(load_mnist, 10, 10, 10, path=d)
+    assert isinstance(exc, ValueError) and "train-images-idx3-ubyte" in str(exc)
+    assert peak < _SMALL_PEAK
+
+
+def test_read_idx_refuses_absurd_header_before_reading(tmp_path):
+    # The header promises 2**96 bytes; what follows must not be read at all.
+    fname = tmp_path / "images.gz"
+    header = bytes([0, 0, 8, 3]) + bytes([0xFF] * 12)
+    fname.write_bytes(gzip.compress(header + bytes(50 * 2**20), compresslevel=1))
+    exc, peak = _peak_of(read_idx, fname)
+    assert isinstance(exc, ValueError) and "images.gz" in str(exc)
+    assert peak < _SMALL_PEAK
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_read_idx_size_limit(tmp_path, monkeypatch, suffix):
+    fname = tmp_path / f"labels{suffix}"
+    write_idx(fname, np.zeros(200, dtype=np.uint8))
+    monkeypatch.setattr(data, "_IDX_MAX_BYTES", 100)
+    with pytest.raises(ValueError, match="labels") as info:
+        read_idx(fname)
+    assert "200" in str(info.value)
+
+
+def test_read_idx_gz_promising_more_than_deflate_can_hold(tmp_path):
+    # Deflate expands at most 1032-fold, so a tiny .gz cannot hold 100 MB:
+    # refused from the header, before allocating the array.
+    fname = tmp_path / "labels.gz"
+    fname.write_bytes(gzip.compress(bytes([0, 0, 8, 1]) + (100 * 2**20).to_bytes(4, "big")))
+    exc, peak = _peak_of(read_idx, fname)
+    assert isinstance(exc, ValueError) and "labels.gz" in str(exc)
+    assert peak < _SMALL_PEAK
 
 
 # ------------------------------------------------------- IDX directory
@@ -293,6 +376,101 @@ def test_cache_with_wrong_contents_is_rebuilt(tmp_path):
     )
     again = load_mnist(50, 0, 0, cache_dir=tmp_path)
     np.testing.assert_array_equal(good.train.inputs, again.train.inputs)
+
+
+@pytest.fixture(scope="module")
+def parsed():
+    """The embedded digits straight from the CSV: (pixels, labels), never cached."""
+    return data._parse_mnist_csv(data._embedded_csv_path())
+
+
+def _genuine_stamp():
+    return data._source_stamp(data._embedded_csv_path())
+
+
+def _label_minus_one(pixels, labels):
+    labels = labels.copy()
+    labels[0] = -1  # would index one-hot row 9: a silent wrong class
+    return pixels, labels
+
+
+def _label_twelve(pixels, labels):
+    labels = labels.copy()
+    labels[0] = 12
+    return pixels, labels
+
+
+def _ten_made_up_rows(pixels, labels):
+    return np.full((10, 784), 7, np.uint8), np.arange(10, dtype=np.int64)
+
+
+def _one_extra_row(pixels, labels):
+    return np.vstack([pixels, pixels[:1]]), np.append(labels, labels[:1])
+
+
+def _one_row_missing(pixels, labels):
+    return pixels[1:], labels[1:]
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [_label_minus_one, _label_twelve, _ten_made_up_rows, _one_extra_row, _one_row_missing],
+)
+def test_cache_with_genuine_stamp_but_bad_arrays_is_rebuilt(tmp_path, parsed, tamper):
+    cache_file = tmp_path / "mnist_5k.npz"
+    bad_pixels, bad_labels = tamper(*parsed)
+    np.savez(cache_file, stamp=_genuine_stamp(), pixels=bad_pixels, labels=bad_labels)
+    pixels, labels = data._load_embedded(tmp_path)
+    np.testing.assert_array_equal(pixels, parsed[0])
+    np.testing.assert_array_equal(labels, parsed[1])
+    with np.load(cache_file, allow_pickle=False) as npz:  # rewritten with the CSV's arrays
+        np.testing.assert_array_equal(npz["labels"], parsed[1])
+
+
+def _npy_bytes_with_header(shape, dtype, body):
+    """An .npy file whose header claims ``shape`` and ``dtype`` but holds ``body``."""
+    buf = io.BytesIO()
+    header = {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue() + body
+
+
+def _npy_bytes(array):
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "member, shape, dtype",
+    [("pixels", (2**30, 784), np.uint8), ("labels", (2**40,), np.int64)],
+)
+def test_cache_member_claiming_huge_shape_is_rebuilt(tmp_path, parsed, member, shape, dtype):
+    cache_file = tmp_path / "mnist_5k.npz"
+    members = {
+        "stamp": _npy_bytes(_genuine_stamp()),
+        "pixels": _npy_bytes(parsed[0]),
+        "labels": _npy_bytes(parsed[1]),
+    }
+    members[member] = _npy_bytes_with_header(shape, dtype, bytes(64))
+    with zipfile.ZipFile(cache_file, "w") as zf:
+        for name, raw in members.items():
+            zf.writestr(name + ".npy", raw)
+    cached, peak = _peak_of(data._read_cache, cache_file, _genuine_stamp())
+    assert cached is None
+    assert peak < _SMALL_PEAK + parsed[0].nbytes  # the genuine members may be read
+    pixels, labels = data._load_embedded(tmp_path)
+    np.testing.assert_array_equal(pixels, parsed[0])
+    np.testing.assert_array_equal(labels, parsed[1])
+
+
+def test_parse_rejects_wrong_row_count(tmp_path):
+    # The cache is checked against what the parser guarantees: exactly 5,000 rows.
+    csv = tmp_path / "three.csv.gz"
+    rows = [",".join(["0"] * 784 + [str(k)]) for k in range(3)]
+    csv.write_bytes(gzip.compress(("\n".join(rows) + "\n").encode()))
+    with pytest.raises(ValueError, match="5000"):
+        data._parse_mnist_csv(csv)
 
 
 def test_unwritable_cache_falls_back(tmp_path):
