@@ -16,9 +16,15 @@ from .bench_steps import make_optimiser
 from .common import (
     ALPHA,
     BETA,
+    LONG_ENV,
     alternating_best,
     best_of,
+    env_flag,
+    run_sweep,
+    run_sweep_one_by_one,
     seed_problem,
+    seed_problem_with,
+    sweep_problem,
     value_and_hypergrads,
     vector_problem,
 )
@@ -134,3 +140,68 @@ class HypergradVsNaive:
         return best["ours"] / best["naive"]
 
     track_hypergrad_ours_vs_naive_T100.unit = "ratio"
+
+
+class HypergradVsNaiveT1000:
+    """As :class:`HypergradVsNaive` at T = 1000 (~15 s and ~7 GB for the naive reference);
+    set HYPERGRAD_BENCH_LONG=1 to run it."""
+
+    n_iter = 1000
+    timeout = 1200
+
+    def setup(self):
+        if self.n_iter >= 1000 and not env_flag(LONG_ENV):
+            raise NotImplementedError(f"T = 1000 against the naive reference: set {LONG_ENV}=1")
+        HypergradVsNaive.setup(self)
+
+    def track_hypergrad_ours_vs_naive_T1000(self):
+        """min time of ours / min time of the naive reference, 2 alternating runs each."""
+        best = alternating_best({impl: functools.partial(value_and_hypergrads, self.problem, impl)
+                                 for impl in ("naive", "ours")}, 2)
+        return best["ours"] / best["naive"]
+
+    track_hypergrad_ours_vs_naive_T1000.unit = "ratio"
+
+
+class CompiledVsAutogradObjective:
+    """Value + all hypergradients through ``sgd``, seed network, T = 100: the compiled
+    objective over the autograd one (the same loss, traced at every step)."""
+
+    n_iter = 100
+    timeout = 600
+
+    def setup(self):
+        self.problems = {b: seed_problem_with(self.n_iter, b) for b in ("compiled", "autograd")}
+        for b in self.problems:
+            value_and_hypergrads(seed_problem_with(2, b), "ours")
+
+    def track_compiled_vs_autograd_T100(self):
+        """min time compiled / min time autograd, 3 alternating runs each."""
+        best = alternating_best({b: functools.partial(value_and_hypergrads, p, "ours")
+                                 for b, p in self.problems.items()}, 3)
+        return best["compiled"] / best["autograd"]
+
+    track_compiled_vs_autograd_T100.unit = "ratio"
+
+
+class SweepVsSeparateRuns:
+    """``sweep(device="cpu")`` of B = 16 logistic-regression settings, T = 100, over the
+    same 16 settings as separate compiled ``sgd`` runs (equal results, bit for bit)."""
+
+    runs, n_iter = 16, 100
+    timeout = 600
+
+    def setup(self):
+        self.problem = sweep_problem(self.runs, self.n_iter)
+        warm = sweep_problem(runs=2, n_iter=2)
+        run_sweep(warm)
+        run_sweep_one_by_one(warm)
+
+    def track_sweep_vs_separate_B16_T100(self):
+        """min time of the sweep / min time of the separate runs, 3 alternating runs each."""
+        best = alternating_best({"sweep": functools.partial(run_sweep, self.problem),
+                                 "separate": functools.partial(run_sweep_one_by_one,
+                                                               self.problem)}, 3)
+        return best["sweep"] / best["separate"]
+
+    track_sweep_vs_separate_B16_T100.unit = "ratio"

@@ -278,3 +278,67 @@ def alternating_best(fns, rounds):
         for name, fn in fns.items():
             best[name] = min(best[name], best_of(fn, 1))
     return best
+
+
+# ------------------------------------------------------------ 7. backends and sweeps
+
+
+def seed_problem_with(n_iter, backend, seed=SEED):
+    """:func:`seed_problem` with the training loss of ``backend`` ("compiled" or "autograd")."""
+    from hypergrad_fast.models import make_train_loss
+
+    p = seed_problem(n_iter, seed)
+    data = _mnist()
+    loss = make_train_loss(p.model, data.train.inputs, data.train.targets, SEED_BATCH,
+                           seed=seed, l2="group", backend=backend)
+    return p._replace(loss=loss)
+
+
+SWEEP_RUNS, SWEEP_T, SWEEP_BATCH = 16, 100, 100
+
+
+def sweep_problem(runs=SWEEP_RUNS, n_iter=SWEEP_T, seed=SEED):
+    """B logistic-regression settings on 3,000 MNIST digits: (model, data, alphas (B, T),
+    betas (B, T), log_init_scales (B, G), log_l2 (B, G))."""
+    from hypergrad_fast.models import LogisticRegression
+
+    rng = np.random.default_rng(seed)
+    model = LogisticRegression(784, 10)
+    g = model.layout.n_groups
+    return (model, _mnist(), rng.uniform(0.1, 0.5, (runs, n_iter)),
+            rng.uniform(0.5, 0.9, (runs, n_iter)), np.full((runs, g), -3.0),
+            np.full((runs, g), -6.0))
+
+
+def run_sweep(problem):
+    """``sweep(device="cpu")`` of :func:`sweep_problem`'s settings."""
+    from hypergrad_fast import sweep
+
+    model, data, alphas, betas, scales, log_l2 = problem
+    return sweep(model, data, alphas, betas, scales, log_l2, batch_size=SWEEP_BATCH)
+
+
+def run_sweep_one_by_one(problem):
+    """The same settings as separate compiled ``sgd`` runs, each reversed with the
+    validation gradient that ``sweep`` uses."""
+    from autograd import make_vjp
+
+    from hypergrad_fast import sgd
+    from hypergrad_fast.models import make_train_loss
+
+    model, data, alphas, betas, scales, log_l2 = problem
+    loss = make_train_loss(model, data.train.inputs, data.train.targets, SWEEP_BATCH,
+                           l2="group")
+    valid = make_train_loss(model, data.valid.inputs, data.valid.targets, 1)
+    noise = np.random.default_rng(0).standard_normal(model.layout.size)
+    groups = model.layout.groups
+    out = []
+    for b in range(len(alphas)):
+        x0 = np.exp(scales[b])[groups] * noise
+
+        def train(a, be, meta, x0=x0):
+            return sgd(loss, x0, a, be, meta, groups=groups)
+
+        vjp, x_final = make_vjp(train, (0, 1, 2))(alphas[b], betas[b], {"log_l2": log_l2[b]})
+        out.append(vjp(valid.evaluate(x_final)[1]))
+    return out

@@ -404,8 +404,9 @@ def _relative_error(actual, desired):
     return float(np.abs(actual - desired).max() / max(np.abs(desired).max(), 1e-300))
 
 
-def sweep_times(problem, n_in, n_out, steps, cpu_runs):
-    """Hypergradients of all settings by ``sweep``: (gpu seconds, cpu seconds scaled, agree)."""
+def sweep_times(problem, n_in, n_out, steps):
+    """(gpu seconds, cpu seconds, worst cuda-vs-cpu difference over the stable settings,
+    number of stable settings, number left out) for all settings through ``sweep``."""
     from hypergrad_fast import sweep
     from hypergrad_fast.models import LogisticRegression
 
@@ -418,24 +419,30 @@ def sweep_times(problem, n_in, n_out, steps, cpu_runs):
     b = np.broadcast_to(np.asarray(betas, dtype=float).reshape(runs, 1), (runs, steps))
     log_l2 = np.log(np.broadcast_to(np.asarray(l2, dtype=float).reshape(runs, 1),
                                     (runs, model.layout.n_groups)))
-    kw = dict(batch_size=batches.shape[1], log_init_scales=-3.0)
-    sweep(model, data, a[:2, :1], b[:2, :1], meta=log_l2[:2], device="cuda", **kw)  # compile
+    kw = dict(batch_size=batches.shape[1])
+    sweep(model, data, a[:2, :1], b[:2, :1], -3.0, log_l2[:2], device="cuda", **kw)  # compile
     cuda.synchronize()
     t0 = time.perf_counter()
-    gpu = sweep(model, data, a, b, meta=log_l2, device="cuda", **kw)
+    gpu = sweep(model, data, a, b, -3.0, log_l2, device="cuda", **kw)
     cuda.synchronize()
     gpu_s = time.perf_counter() - t0
-    done = min(cpu_runs or 4, runs)
-    sweep(model, data, a[:1, :1], b[:1, :1], meta=log_l2[:1], device="cpu", **kw)  # compile
+    sweep(model, data, a[:2, :1], b[:2, :1], -3.0, log_l2[:2], device="cpu", **kw)  # compile
     t0 = time.perf_counter()
-    agree = True
-    for k in range(done):
-        cpu = sweep(model, data, a[k:k + 1], b[k:k + 1], meta=log_l2[k:k + 1], device="cpu",
-                    **kw)
-        for field in ("valid_loss", "d_alphas", "d_betas", "d_log_init_scales", "d_meta"):
-            agree &= _relative_error(getattr(gpu, field)[k], getattr(cpu, field)[0]) < 1e-10
-    cpu_s = (time.perf_counter() - t0) * runs / done
-    return gpu_s, cpu_s, agree, done
+    cpu = sweep(model, data, a, b, -3.0, log_l2, device="cpu", **kw)
+    cpu_s = time.perf_counter() - t0
+    # A setting in the chaotic regime amplifies any rounding difference (the GPU's FMAs
+    # and exp()), so no two implementations agree on it: compare only settings whose CPU
+    # result stays put when x0 moves by one ulp (the log init scale by 4.4e-16).
+    moved = sweep(model, data, a, b, np.nextafter(-3.0, 0.0), log_l2, device="cpu", **kw)
+    stable = [k for k in range(runs)
+              if all(_relative_error(getattr(moved, f)[k], getattr(cpu, f)[k]) < 1e-10
+                     for f in SWEEP_FIELDS)]
+    worst = max((_relative_error(getattr(gpu, f)[k], getattr(cpu, f)[k])
+                 for k in stable for f in SWEEP_FIELDS), default=0.0)
+    return gpu_s, cpu_s, worst, len(stable), runs - len(stable)
+
+
+SWEEP_FIELDS = ("valid_loss", "d_alphas", "d_betas", "d_log_init_scales", "d_meta")
 
 
 # ----------------------------------------------------------------------------- main
@@ -508,14 +515,19 @@ def main(argv=None):
                  + f"; back to x0 exactly: {cpu_exact}"))
     rows.append(("(c) speed-up", "", f"{cpu_total / gpu_s:.1f}x", "CPU time / GPU time"))
 
-    sw_gpu, sw_cpu, sw_agree, sw_done = sweep_times(problem, lr["n_in"], lr["n_out"],
-                                                    lr["steps"], args.cpu_runs)
+    sw_gpu, sw_cpu, sw_worst, sw_stable, sw_left = sweep_times(problem, lr["n_in"], lr["n_out"],
+                                                               lr["steps"])
+    sw_agree = sw_worst < 1e-10
     failed |= not sw_agree
     rows.append(("(d) sweep hypergradients GPU", setting_c, f"{sw_gpu:.2f} s",
                  "device='cuda', whole batch"))
     rows.append(("(d) sweep hypergradients CPU", setting_c, f"{sw_cpu:.2f} s",
-                 f"device='cpu', one at a time ({sw_done} timed, scaled); "
-                 f"all outputs agree to 1e-10 of their largest value: {sw_agree}"))
+                 "device='cpu', whole batch (compiled objective, all cores)"))
+    rows.append(("(d) cuda vs cpu", f"{sw_stable} stable settings",
+                 "PASS" if sw_agree else "FAIL",
+                 f"largest difference {sw_worst:.1e} of a field's largest value (< 1e-10); "
+                 f"{sw_left} settings left out: their CPU result moves by > 1e-10 when x0 "
+                 "moves by one ulp (chaotic regime)"))
     rows.append(("(d) speed-up", "", f"{sw_cpu / sw_gpu:.1f}x", "CPU time / GPU time"))
 
     # the PTX of the step kernels must hold no contracted multiply-add (see _gpu_kernels)

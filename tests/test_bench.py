@@ -35,6 +35,9 @@ SIZE_AXES = {"N", "T"}
 SHRINK = {
     "EngineVsPythonInt": {"t_short": 20, "t_long": 40},
     "HypergradVsNaive": {"n_iter": 3},
+    "HypergradVsNaiveT1000": {"n_iter": 3},
+    "CompiledVsAutogradObjective": {"n_iter": 3},
+    "SweepVsSeparateRuns": {"runs": 2, "n_iter": 3},
     "HypergradMemoryGrowth": {"base_T": 2, "params": [4]},
 }
 

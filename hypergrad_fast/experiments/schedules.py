@@ -205,16 +205,21 @@ class SchedulesProblem:
         """Full-set training and validation loss (nats) after each iteration 0..T."""
         x0, alphas, betas = self.schedules(np.asarray(h, dtype=np.float64))
         train, valid = self.data.train, self.data.valid
-        curve = {"iteration": [0],
-                 "train_loss": [float(self.model.loss(x0, train.inputs, train.targets))],
-                 "valid_loss": [float(self.model.loss(x0, valid.inputs, valid.targets))]}
+        # The compiled loss's forward pass when there is one (a curve point per iteration).
+        value = getattr(self.train_loss, "value", None)
+        if value is None:
+            def value(x, inputs, targets):
+                return float(self.model.loss(x, inputs, targets))
+        curve = {"iteration": [], "train_loss": [], "valid_loss": []}
 
-        def callback(t, x, v, g):
-            curve["iteration"].append(t + 1)
-            curve["train_loss"].append(float(self.model.loss(x, train.inputs, train.targets)))
-            curve["valid_loss"].append(float(self.model.loss(x, valid.inputs, valid.targets)))
+        def add(t, x):
+            curve["iteration"].append(t)
+            curve["train_loss"].append(float(value(x, train.inputs, train.targets)))
+            curve["valid_loss"].append(float(value(x, valid.inputs, valid.targets)))
 
-        sgd(self.train_loss, x0, alphas, betas, groups=self.layout.groups, callback=callback)
+        add(0, x0)
+        sgd(self.train_loss, x0, alphas, betas, groups=self.layout.groups,
+            callback=lambda t, x, v, g: add(t + 1, x))
         return curve
 
     def describe(self, h) -> dict:

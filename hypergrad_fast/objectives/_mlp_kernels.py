@@ -23,7 +23,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["gather_rows", "value_grad", "grad_hvp", "l2_value_grad", "l2_grad_hvp",
+__all__ = ["gather_rows", "value_only", "value_grad", "grad_hvp", "l2_value_grad", "l2_grad_hvp",
            "value_grad_rows", "grad_hvp_rows"]
 
 
@@ -172,6 +172,14 @@ def _back_through(d_h, h, relu):
             else:
                 out[m, j] = d_h[m, j] * (1.0 - h[m, j] * h[m, j])
     return out
+
+
+@njit(cache=True, nogil=True)
+def value_only(x, inputs, targets, sizes, w_off, b_off, relu):
+    """The mean cross-entropy of ``inputs`` against ``targets`` (no gradient)."""
+    _, logits = _forward(x, inputs, sizes, w_off, b_off, relu)
+    value, _, _ = _softmax_top(logits, targets)
+    return value
 
 
 @njit(cache=True, nogil=True)

@@ -179,6 +179,14 @@ class CompiledMLPLoss(Objective):
             self._strength = np.ascontiguousarray(np.exp(log_l2[:, self._groups]))
         return self._strength
 
+    def value(self, x, inputs=None, targets=None):
+        """The mean cross-entropy on whole data (default: the training set), no penalty and
+        no gradient: a learning curve's point."""
+        inputs = self.inputs if inputs is None else np.ascontiguousarray(inputs, np.float64)
+        targets = self.targets if targets is None else np.ascontiguousarray(targets, np.float64)
+        return kernels.value_only(np.ascontiguousarray(x, dtype=np.float64), inputs, targets,
+                                  self._sizes, self._w_off, self._b_off, self._relu)
+
     def evaluate(self, x, inputs=None, targets=None):
         """``(mean cross-entropy, its gradient in x)`` on whole data (default: the training
         set), no penalty: a validation loss for the sweeps."""
