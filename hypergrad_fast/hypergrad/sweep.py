@@ -182,7 +182,8 @@ def _require_cuda():
 
 
 class _CustomFunctions:
-    """The caller's ``grad_fn``, ``hvp_fn``, ``valid_fn`` as a batched objective, outputs checked."""
+    """The caller's ``grad_fn``, ``hvp_fn``, ``valid_fn`` as a batched objective (outputs
+    checked)."""
 
     def __init__(self, be, grad_fn, hvp_fn, valid_fn, meta):
         self._be = be

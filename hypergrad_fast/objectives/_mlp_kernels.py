@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 __all__ = ["gather_rows", "value_only", "value_grad", "grad_hvp", "l2_value_grad", "l2_grad_hvp",
-           "value_grad_rows", "grad_hvp_rows"]
+           "batch_value_grad", "batch_grad_hvp", "value_grad_rows", "grad_hvp_rows"]
 
 
 @njit(cache=True, nogil=True)
@@ -119,8 +119,9 @@ def _forward(x, inputs, sizes, w_off, b_off, relu):
 
 
 @njit(cache=True, nogil=True)
-def _softmax_top(logits, targets):
-    """Mean cross-entropy, the softmax ``p`` and the logits' delta ``(p * sum(t) - t) / M``.
+def _softmax_top(logits, targets, denom):
+    """Cross-entropy summed over rows / ``denom``, the softmax ``p`` and the logits' delta
+    ``(p * sum(t) - t) / denom`` (``denom`` is the whole batch's size, M).
 
     Per example the loss is ``logsumexp(z) * sum(t) - sum(t * z)`` (the cross-entropy
     of targets ``t``, one-hot or not), with the row maximum subtracted inside exp.
@@ -147,8 +148,8 @@ def _softmax_top(logits, targets):
             t_dot += targets[m, c] * logits[m, c]
         total += lse * t_sum - t_dot
         for c in range(n_out):
-            delta[m, c] = (p[m, c] * t_sum - targets[m, c]) / n_rows
-    return total / n_rows, p, delta
+            delta[m, c] = (p[m, c] * t_sum - targets[m, c]) / denom
+    return total / denom, p, delta
 
 
 @njit(cache=True, nogil=True)
@@ -178,16 +179,16 @@ def _back_through(d_h, h, relu):
 def value_only(x, inputs, targets, sizes, w_off, b_off, relu):
     """The mean cross-entropy of ``inputs`` against ``targets`` (no gradient)."""
     _, logits = _forward(x, inputs, sizes, w_off, b_off, relu)
-    value, _, _ = _softmax_top(logits, targets)
+    value, _, _ = _softmax_top(logits, targets, inputs.shape[0])
     return value
 
 
 @njit(cache=True, nogil=True)
-def value_grad(x, inputs, targets, sizes, w_off, b_off, relu, g):
-    """The batch's mean cross-entropy; writes its gradient in x into ``g`` (N,)."""
+def value_grad(x, inputs, targets, sizes, w_off, b_off, relu, g, denom):
+    """The rows' cross-entropy summed / ``denom``; writes its gradient in x into ``g`` (N,)."""
     n_layers = sizes.shape[0] - 1
     hs, logits = _forward(x, inputs, sizes, w_off, b_off, relu)
-    value, _, delta = _softmax_top(logits, targets)
+    value, _, delta = _softmax_top(logits, targets, denom)
     for layer in range(n_layers - 1, -1, -1):
         w, _ = _weights(x, w_off, b_off, sizes, layer)
         g_w, g_b = _weights(g, w_off, b_off, sizes, layer)
@@ -199,8 +200,9 @@ def value_grad(x, inputs, targets, sizes, w_off, b_off, relu, g):
 
 
 @njit(cache=True, nogil=True)
-def grad_hvp(x, u, inputs, targets, sizes, w_off, b_off, relu, want_inputs, g, hu, d_inputs):
-    """Gradient ``g`` and ``hu = H u`` of the batch's mean cross-entropy, written in place.
+def grad_hvp(x, u, inputs, targets, sizes, w_off, b_off, relu, want_inputs, g, hu, d_inputs,
+             denom):
+    """Gradient ``g`` and ``hu = H u`` of the rows' cross-entropy summed / ``denom``, in place.
 
     With ``want_inputs``, also writes ``d_inputs`` (M, n_in) = d/dX (g . u), the
     mixed second derivative through the batch's inputs (for learned training data).
@@ -228,7 +230,7 @@ def grad_hvp(x, u, inputs, targets, sizes, w_off, b_off, relu, want_inputs, g, h
                         r_z[m, j] *= 1.0 - h[m, j] * h[m, j]
             r_hs.append(r_z)
         r_h = r_z
-    value, p, delta = _softmax_top(logits, targets)
+    value, p, delta = _softmax_top(logits, targets, denom)
     n_rows, n_out = logits.shape
     r_delta = np.empty_like(delta)
     for m in range(n_rows):
@@ -238,7 +240,7 @@ def grad_hvp(x, u, inputs, targets, sizes, w_off, b_off, relu, want_inputs, g, h
             t_sum += targets[m, c]
             mean_r += p[m, c] * r_h[m, c]
         for c in range(n_out):
-            r_delta[m, c] = t_sum * p[m, c] * (r_h[m, c] - mean_r) / n_rows
+            r_delta[m, c] = t_sum * p[m, c] * (r_h[m, c] - mean_r) / denom
     for layer in range(n_layers - 1, -1, -1):
         w, _ = _weights(x, w_off, b_off, sizes, layer)
         w_u, _ = _weights(u, w_off, b_off, sizes, layer)
@@ -300,17 +302,105 @@ def l2_grad_hvp(lam, x, u, g, hu, bounds, d_log_l2):
         d_log_l2[grp] += acc
 
 
+# ---------------------------------------------------------------- a minibatch in parts
+# A minibatch of M >= PARTS_MIN_ROWS rows is split into two halves of rows, each
+# differentiated on its own core; the halves' sums are added in a fixed order.  The
+# split depends on M alone, so the forward pass's gradient and the reverse pass's
+# recomputation of it are the same bits, whichever function computes them.
+PARTS_MIN_ROWS = 32
+
+
+@njit(cache=True, nogil=True)
+def n_parts(n_rows):
+    return 2 if n_rows >= PARTS_MIN_ROWS else 1
+
+
+@njit(cache=True, nogil=True)
+def _part(idx, parts, h, source, targets):
+    """Rows of part h of the minibatch ``idx``: (inputs, targets, first row, end row)."""
+    m = idx.shape[0]
+    lo, hi = (m * h) // parts, (m * (h + 1)) // parts
+    sub = idx[lo:hi]
+    return (gather_rows(source, sub, np.empty((hi - lo, source.shape[1]))),
+            gather_rows(targets, sub, np.empty((hi - lo, targets.shape[1]))), lo, hi)
+
+
+@njit(cache=True, nogil=True)
+def _part_value_grad(h, parts, x, source, targets, idx, sizes, w_off, b_off, relu, g_parts,
+                     values):
+    inputs, batch_targets, _, _ = _part(idx, parts, h, source, targets)
+    values[h] = value_grad(x, inputs, batch_targets, sizes, w_off, b_off, relu, g_parts[h],
+                           idx.shape[0])
+
+
+@njit(cache=True, nogil=True)
+def _part_grad_hvp(h, parts, x, u, source, targets, idx, sizes, w_off, b_off, relu,
+                   want_inputs, g_parts, hu_parts, d_inputs):
+    inputs, batch_targets, lo, hi = _part(idx, parts, h, source, targets)
+    grad_hvp(x, u, inputs, batch_targets, sizes, w_off, b_off, relu, want_inputs, g_parts[h],
+             hu_parts[h], d_inputs[lo:hi] if want_inputs else d_inputs, idx.shape[0])
+
+
+@njit(cache=True, nogil=True)
+def _sum_parts(parts, out):
+    """``out = parts[0] + parts[1] + ...``, in that order."""
+    out[:] = parts[0]
+    for h in range(1, parts.shape[0]):
+        out += parts[h]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def batch_value_grad(x, source, targets, idx, sizes, w_off, b_off, relu, lam, g):
+    """Mean cross-entropy of minibatch ``idx`` of (source, targets), plus the penalty
+    ``0.5 sum(lam x**2)`` when ``lam`` is not empty; its gradient written into ``g``."""
+    parts = n_parts(idx.shape[0])
+    g_parts, values = np.empty((parts, x.shape[0])), np.empty(parts)
+    for h in prange(parts):
+        _part_value_grad(h, parts, x, source, targets, idx, sizes, w_off, b_off, relu, g_parts,
+                         values)
+    _sum_parts(g_parts, g)
+    value = values[0]
+    for h in range(1, parts):
+        value += values[h]
+    if lam.shape[0] > 0:
+        value += l2_value_grad(lam, x, g)
+    return value
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def batch_grad_hvp(x, u, source, targets, idx, sizes, w_off, b_off, relu, want_inputs, lam,
+                   bounds, g, hu, d_inputs, d_log_l2):
+    """Gradient and ``H u`` of :func:`batch_value_grad`'s loss, written into ``g``, ``hu``;
+    with ``want_inputs``, ``d_inputs`` (M, n_in) = d/dX (g . u) of the minibatch's
+    rows; :func:`l2_grad_hvp` adds the penalty's terms (and to ``d_log_l2``)."""
+    parts = n_parts(idx.shape[0])
+    g_parts, hu_parts = np.empty((parts, x.shape[0])), np.empty((parts, x.shape[0]))
+    for h in prange(parts):
+        _part_grad_hvp(h, parts, x, u, source, targets, idx, sizes, w_off, b_off, relu,
+                       want_inputs, g_parts, hu_parts, d_inputs)
+    _sum_parts(g_parts, g)
+    _sum_parts(hu_parts, hu)
+    if lam.shape[0] > 0:
+        l2_grad_hvp(lam, x, u, g, hu, bounds, d_log_l2)
+
+
 # ---------------------------------------------------------------- B runs at once
-# Row b of these is exactly the single-run functions above on row b's inputs (the
-# same calls in the same order), so a setting's bits do not depend on the others.
+# Row b is what batch_value_grad / batch_grad_hvp give for row b's inputs (the same
+# parts in the same order, one after the other), so a setting's bits do not depend
+# on the others; the rows go to the cores instead of the parts.
 @njit(cache=True, nogil=True, parallel=True)
 def value_grad_rows(x, source, targets, idx, sizes, w_off, b_off, relu, lam, g, values):
-    """Rows of :func:`value_grad` (+ :func:`l2_value_grad` when ``lam`` has rows), the
-    batch ``source[idx]``, ``targets[idx]``; ``values`` (B,) and ``g`` (B, N) written."""
+    """Rows of :func:`batch_value_grad` (``lam`` (B, N) or empty); ``values`` (B,) written."""
+    parts = n_parts(idx.shape[0])
     for b in prange(x.shape[0]):
-        inputs = gather_rows(source, idx, np.empty((idx.shape[0], source.shape[1])))
-        batch_targets = gather_rows(targets, idx, np.empty((idx.shape[0], targets.shape[1])))
-        value = value_grad(x[b], inputs, batch_targets, sizes, w_off, b_off, relu, g[b])
+        g_parts, part_values = np.empty((parts, x.shape[1])), np.empty(parts)
+        for h in range(parts):
+            _part_value_grad(h, parts, x[b], source, targets, idx, sizes, w_off, b_off, relu,
+                             g_parts, part_values)
+        _sum_parts(g_parts, g[b])
+        value = part_values[0]
+        for h in range(1, parts):
+            value += part_values[h]
         if lam.shape[0] > 0:
             value += l2_value_grad(lam[b], x[b], g[b])
         values[b] = value
@@ -319,14 +409,16 @@ def value_grad_rows(x, source, targets, idx, sizes, w_off, b_off, relu, lam, g, 
 @njit(cache=True, nogil=True, parallel=True)
 def grad_hvp_rows(x, u, source, targets, idx, sizes, w_off, b_off, relu, lam, bounds, g, hu,
                   d_log_l2):
-    """Rows of :func:`grad_hvp` (+ :func:`l2_grad_hvp` when ``lam`` has rows, adding to
-    ``d_log_l2`` (B, G) when it has rows)."""
+    """Rows of :func:`batch_grad_hvp` without learned inputs; adds to ``d_log_l2[b]``."""
+    parts = n_parts(idx.shape[0])
     no_inputs = np.empty((0, 0))
     for b in prange(x.shape[0]):
-        inputs = gather_rows(source, idx, np.empty((idx.shape[0], source.shape[1])))
-        batch_targets = gather_rows(targets, idx, np.empty((idx.shape[0], targets.shape[1])))
-        grad_hvp(x[b], u[b], inputs, batch_targets, sizes, w_off, b_off, relu, False, g[b],
-                 hu[b], no_inputs)
+        g_parts, hu_parts = np.empty((parts, x.shape[1])), np.empty((parts, x.shape[1]))
+        for h in range(parts):
+            _part_grad_hvp(h, parts, x[b], u[b], source, targets, idx, sizes, w_off, b_off,
+                           relu, False, g_parts, hu_parts, no_inputs)
+        _sum_parts(g_parts, g[b])
+        _sum_parts(hu_parts, hu[b])
         if lam.shape[0] > 0:
             l2_grad_hvp(lam[b], x[b], u[b], g[b], hu[b], bounds,
                         d_log_l2[b] if d_log_l2.shape[0] > 0 else np.empty(0))

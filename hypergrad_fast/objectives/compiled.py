@@ -13,6 +13,7 @@ Build it with :func:`hypergrad_fast.models.make_train_loss` (``backend="compiled
 the default), which validates the data.
 """
 
+import contextlib
 import threading
 
 import numpy as np
@@ -25,6 +26,36 @@ from .layout import block_offsets, group_bounds
 __all__ = ["CompiledMLPLoss"]
 
 _EMPTY = np.empty(0)
+_BLAS_LOCK = threading.Lock()
+_blas_libraries = None
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """BLAS on one thread while the kernels run their parts (or runs) on all cores.
+
+    The kernels split the work across cores themselves; BLAS threads on top of that
+    oversubscribe the cores (measured here: 5-10x slower).  Results do not depend on
+    the thread count.  The libraries' own setters are called directly: a
+    ``threadpool_limits`` scan of the loaded libraries at every call costs more than
+    a small minibatch's gradient.
+    """
+    global _blas_libraries
+    with _BLAS_LOCK:
+        if _blas_libraries is None:
+            from threadpoolctl import ThreadpoolController
+
+            _blas_libraries = [c for c in ThreadpoolController().lib_controllers
+                               if c.user_api == "blas"]
+        before = [lib.get_num_threads() for lib in _blas_libraries]
+        for lib in _blas_libraries:
+            lib.set_num_threads(1)
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            for lib, n in zip(_blas_libraries, before):
+                lib.set_num_threads(n)
 _NO_BOUNDS = np.empty(0, dtype=np.int64)
 
 
@@ -60,7 +91,6 @@ class CompiledMLPLoss(Objective):
         self._groups = layout.groups
         self._bounds = group_bounds(layout)
         self._strength_key, self._strength = None, None
-        self._scratch = threading.local()  # per-thread gathered batch (runs go in threads)
 
     def __call__(self, x, meta, t):
         """The loss value, traced by autograd (so ``grad(loss)`` works as for any loss)."""
@@ -81,20 +111,13 @@ class CompiledMLPLoss(Objective):
             raise ValueError(f"iteration {t} has no row in batches (shape {self.batches.shape})")
         return self.batches[t]
 
-    def _batch_data(self, x, meta, t):
+    def _source(self, x, meta):
+        """The inputs the minibatches are drawn from (``meta["inputs"]`` when learned)."""
         if np.shape(x) != (self._size,):
             raise ValueError(f"x must have shape ({self._size},), got {np.shape(x)}")
-        idx = self.batch(t)
-        source = self._meta_array(meta, "inputs", self.inputs.shape) if self.learn_inputs \
-            else self.inputs
-        # Reused buffers: a fresh array of a megabyte costs its page faults at every call.
-        buffers = getattr(self._scratch, "buffers", None)
-        if buffers is None or buffers[0].shape[0] != len(idx):
-            buffers = (np.empty((len(idx), self.inputs.shape[1])),
-                       np.empty((len(idx), self.targets.shape[1])))
-            self._scratch.buffers = buffers
-        return (idx, kernels.gather_rows(source, idx, buffers[0]),
-                kernels.gather_rows(self.targets, idx, buffers[1]))
+        if self.learn_inputs:
+            return self._meta_array(meta, "inputs", self.inputs.shape)
+        return self.inputs
 
     def _meta_array(self, meta, key, shape):
         try:
@@ -117,34 +140,38 @@ class CompiledMLPLoss(Objective):
         return self._strength
 
     # ------------------------------------------------------------------ the objective
+    def _penalty(self, meta):
+        return _EMPTY if self.l2 is None else self._strengths(meta)
+
     def value_and_grad(self, x, meta, t):
         x = np.ascontiguousarray(x, dtype=np.float64)
-        _, inputs, targets = self._batch_data(x, meta, t)
+        source = self._source(x, meta)
         g = np.empty(self._size)
-        value = kernels.value_grad(x, inputs, targets, self._sizes, self._w_off, self._b_off,
-                                   self._relu, g)
-        if self.l2 is not None:
-            value += kernels.l2_value_grad(self._strengths(meta), x, g)
+        with _one_blas_thread():
+            value = kernels.batch_value_grad(x, source, self.targets, self.batch(t), self._sizes,
+                                             self._w_off, self._b_off, self._relu,
+                                             self._penalty(meta), g)
         return value, g
 
     def grad_and_hvp(self, x, meta, t, u, d_meta):
         x = np.ascontiguousarray(x, dtype=np.float64)
         u = np.ascontiguousarray(u, dtype=np.float64)
-        idx, inputs, targets = self._batch_data(x, meta, t)
+        source = self._source(x, meta)
+        idx = self.batch(t)
         g, hu = np.empty(self._size), np.empty(self._size)
-        want_inputs = self.learn_inputs and d_meta is not None
-        d_inputs = np.empty(inputs.shape if want_inputs else (0, 0))
-        kernels.grad_hvp(x, u, inputs, targets, self._sizes, self._w_off, self._b_off,
-                         self._relu, want_inputs, g, hu, d_inputs)
         has_dict = isinstance(d_meta, dict)
-        if self.l2 is not None:
-            d_log_l2 = _EMPTY
-            if has_dict:
-                d_log_l2 = np.array(d_meta["log_l2"], dtype=np.float64)
-                d_meta["log_l2"] = d_log_l2
-            bounds = self._bounds if self.l2 == "group" else _NO_BOUNDS
-            kernels.l2_grad_hvp(self._strengths(meta), x, u, g, hu, bounds, d_log_l2)
-        if want_inputs and has_dict:
+        want_inputs = self.learn_inputs and has_dict
+        d_inputs = np.empty((len(idx), source.shape[1]) if want_inputs else (0, 0))
+        d_log_l2 = _EMPTY
+        if self.l2 is not None and has_dict:
+            d_log_l2 = np.array(d_meta["log_l2"], dtype=np.float64)
+            d_meta["log_l2"] = d_log_l2
+        bounds = self._bounds if self.l2 == "group" else _NO_BOUNDS
+        with _one_blas_thread():
+            kernels.batch_grad_hvp(x, u, source, self.targets, idx, self._sizes, self._w_off,
+                                   self._b_off, self._relu, want_inputs, self._penalty(meta),
+                                   bounds, g, hu, d_inputs, d_log_l2)
+        if want_inputs:
             d_all = np.array(d_meta["inputs"], dtype=np.float64)
             np.add.at(d_all, idx, d_inputs)
             d_meta["inputs"] = d_all
@@ -156,18 +183,20 @@ class CompiledMLPLoss(Objective):
         ``log_l2[b]`` (or none when ``log_l2`` is None); row b has the bits of
         ``value_and_grad(x[b], {"log_l2": log_l2[b]}, t)``.  Runs on all cores."""
         g, values = np.empty(x.shape), np.empty(x.shape[0])
-        kernels.value_grad_rows(x, self.inputs, self.targets, self.batch(t), self._sizes,
-                                self._w_off, self._b_off, self._relu, self._rows_l2(log_l2),
-                                g, values)
+        with _one_blas_thread():
+            kernels.value_grad_rows(x, self.inputs, self.targets, self.batch(t), self._sizes,
+                                    self._w_off, self._b_off, self._relu, self._rows_l2(log_l2),
+                                    g, values)
         return values, g
 
     def rows_grad_and_hvp(self, x, log_l2, t, u, d_log_l2):
         """Rows of ``grad_and_hvp``; adds row b's ``d/dlog_l2`` to ``d_log_l2[b]`` (B, G)."""
         g, hu = np.empty(x.shape), np.empty(x.shape)
-        kernels.grad_hvp_rows(x, u, self.inputs, self.targets, self.batch(t), self._sizes,
-                              self._w_off, self._b_off, self._relu, self._rows_l2(log_l2),
-                              self._bounds, g, hu,
-                              np.empty((0, 0)) if d_log_l2 is None else d_log_l2)
+        with _one_blas_thread():
+            kernels.grad_hvp_rows(x, u, self.inputs, self.targets, self.batch(t), self._sizes,
+                                  self._w_off, self._b_off, self._relu, self._rows_l2(log_l2),
+                                  self._bounds, g, hu,
+                                  np.empty((0, 0)) if d_log_l2 is None else d_log_l2)
         return g, hu
 
     def _rows_l2(self, log_l2):
@@ -194,5 +223,6 @@ class CompiledMLPLoss(Objective):
         targets = self.targets if targets is None else np.ascontiguousarray(targets, np.float64)
         g = np.empty(self._size)
         value = kernels.value_grad(np.ascontiguousarray(x, dtype=np.float64), inputs, targets,
-                                   self._sizes, self._w_off, self._b_off, self._relu, g)
+                                   self._sizes, self._w_off, self._b_off, self._relu, g,
+                                   len(inputs))
         return value, g
