@@ -81,27 +81,12 @@ class Schedules(NamedTuple):
 
 
 @njit(cache=True)
-def _block_sums(a, c, e, use_e, bounds, out, t):
-    """``out[b, t, group] = sum of a * (c + e)`` over contiguous groups ``bounds[g]:bounds[g+1]``,
-    in parameter order from 0.0 (the order of the GPU kernel ``group_dot``)."""
-    for b in range(a.shape[0]):
-        for grp in range(bounds.shape[0] - 1):
-            acc = 0.0
-            if use_e:
-                for i in range(bounds[grp], bounds[grp + 1]):
-                    acc += a[b, i] * (c[b, i] + e[b, i])
-            else:
-                for i in range(bounds[grp], bounds[grp + 1]):
-                    acc += a[b, i] * c[b, i]
-            out[b, t, grp] = acc
-
-
-@njit(cache=True)
 def _group_sums(a, c, e, use_e, groups, out, t):
     """``out[b, t, group] = sum of a * (c + e)`` (``a * c`` without ``use_e``) per group.
 
     Terms are added in parameter order from 0.0: for contiguous groups exactly the
-    order (and so the bits) of the per-group GPU kernel ``group_dot``.
+    order (and so the bits) of the per-group kernel ``group_dot``, which
+    :meth:`CpuBackend.group_dot` runs for such groups.
     """
     n_runs, n_params = a.shape
     for b in range(n_runs):
@@ -255,7 +240,9 @@ class CpuBackend:
     def group_dot(self, a, c, e, use_e, out, t):
         """``out[:, t, group] = per-group sums of a * (c + e)`` (``a * c`` without ``use_e``)."""
         if self._bounds is not None:
-            _block_sums(a, c, e, use_e, self._bounds, out, np.int64(t))
+            runs, n_groups = self.shape[0], self._bounds.shape[0] - 1
+            self.run("group_dot", runs * n_groups, a, c, e, use_e, self._bounds, out,
+                     np.int64(t))
         else:
             _group_sums(a, c, e, use_e, self.groups, out, np.int64(t))
 

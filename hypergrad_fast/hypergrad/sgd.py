@@ -17,13 +17,10 @@ from autograd.extend import defvjp_argnums, primitive
 from autograd.tracer import getval, isbox
 
 from ..objectives import Objective, as_objective
+from ._checks import check_decays, check_finite
 from .algorithm import CpuBackend, RowObjectives, Schedules, SgdRecovery, forward, reverse
 
 __all__ = ["sgd", "SgdRecovery"]
-
-
-def _index(multi_index):
-    return "[" + ", ".join(str(int(i)) for i in multi_index) + "]"
 
 
 def _check_schedules(x0, alphas, betas, groups):
@@ -57,16 +54,8 @@ def _check_schedules(x0, alphas, betas, groups):
         if len(bad):
             raise ValueError(f"groups[{bad[0]}] = {groups[bad[0]]} is outside [0, {n_groups})")
     for name, a in (("alphas", alphas), ("betas", betas)):
-        a = np.asarray(a, dtype=np.float64)
-        finite = np.isfinite(a)
-        if not finite.all():
-            i = np.unravel_index(np.argmin(finite), a.shape)
-            raise FloatingPointError(f"{name}{_index(i)} = {a[i]} is not finite")
-    b = np.asarray(betas, dtype=np.float64)
-    inside = (b > 0) & (b <= 1)
-    if not inside.all():
-        i = np.unravel_index(np.argmin(inside), b.shape)
-        raise ValueError(f"betas{_index(i)} = {b[i]} is outside (0, 1]")
+        check_finite(name, np.asarray(a, dtype=np.float64))
+    check_decays("betas", betas)
     return a_shape[0], n_groups, groups
 
 

@@ -32,6 +32,7 @@ from ..models import MLP
 from ..objectives import ParamLayout
 from ..objectives.layout import group_bounds
 from ._cuda import CudaBackend, KernelMLP
+from ._checks import check_decays, check_finite
 from .algorithm import CpuBackend, Schedules, forward, reverse
 
 __all__ = ["sweep", "SweepResult"]
@@ -64,22 +65,11 @@ class SweepResult(NamedTuple):
 
 
 # =============================================================================== validation
-def _index(multi_index):
-    return "[" + ", ".join(str(int(i)) for i in multi_index) + "]"
-
-
 def _real_array(name, value):
     a = np.asarray(value)
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
     return np.array(a, dtype=np.float64)
-
-
-def _check_finite(name, a):
-    finite = np.isfinite(a)
-    if not finite.all():
-        i = np.unravel_index(np.argmin(finite), a.shape)
-        raise FloatingPointError(f"{name}{_index(i)} = {a[i]} is not finite")
 
 
 def _schedule(name, value, n_groups, runs_iters=None):
@@ -93,7 +83,7 @@ def _schedule(name, value, n_groups, runs_iters=None):
     if a.ndim == 3 and a.shape[2] != n_groups:
         raise ValueError(f"{name} has shape {a.shape}: its last axis must hold one value per "
                          f"parameter group ({n_groups}), got {a.shape[2]}")
-    _check_finite(name, a)
+    check_finite(name, a)
     return a
 
 
@@ -104,7 +94,7 @@ def _per_setting(name, value, n_runs, n_groups):
         raise ValueError(f"{name} must be a scalar or have shape ({n_groups},) or "
                          f"({n_runs}, {n_groups}), got {a.shape}")
     a = np.array(np.broadcast_to(a, (n_runs, n_groups)))
-    _check_finite(name, a)
+    check_finite(name, a)
     return a
 
 
@@ -120,7 +110,7 @@ def _noise(x0_noise, n_runs, n_params):
     if a.shape not in ((n_params,), (n_runs, n_params)):
         raise ValueError(f"x0_noise must be a seed or have shape ({n_params},) or "
                          f"({n_runs}, {n_params}), got {a.shape}")
-    _check_finite("x0_noise", a)
+    check_finite("x0_noise", a)
     return np.broadcast_to(a, (n_runs, n_params))
 
 
@@ -142,8 +132,8 @@ def _split(name, split, n_in, n_out):
     if targets.shape != (inputs.shape[0], n_out):
         raise ValueError(f"{name} targets must have shape ({inputs.shape[0]}, {n_out}), "
                          f"got {targets.shape}")
-    _check_finite(f"{name} inputs", inputs)
-    _check_finite(f"{name} targets", targets)
+    check_finite(f"{name} inputs", inputs)
+    check_finite(f"{name} targets", targets)
     return np.ascontiguousarray(inputs), np.ascontiguousarray(targets)
 
 
@@ -357,10 +347,7 @@ def sweep(model, data, alphas, betas, log_init_scales=0.0, meta=None, *, batch_s
     alphas = _schedule("alphas", alphas, n_groups)
     runs, n_iter = alphas.shape[:2]
     betas = _schedule("betas", betas, n_groups, (runs, n_iter))
-    inside = (betas > 0) & (betas <= 1)
-    if not inside.all():
-        i = np.unravel_index(np.argmin(inside), betas.shape)
-        raise ValueError(f"betas{_index(i)} = {betas[i]} is outside (0, 1]")
+    check_decays("betas", betas)
     log_scales = _per_setting("log_init_scales", log_init_scales, runs, n_groups)
     noise = _noise(x0_noise, runs, n_params)
     if not isinstance(frac_bits, (int, np.integer)) or not 0 <= frac_bits <= 60:
