@@ -54,6 +54,9 @@ def _check_schedules(x0, alphas, betas, groups):
         if len(bad):
             raise ValueError(f"groups[{bad[0]}] = {groups[bad[0]]} is outside [0, {n_groups})")
     for name, a in (("alphas", alphas), ("betas", betas)):
+        kind = np.asarray(a).dtype.kind
+        if kind not in "fiu":
+            raise TypeError(f"{name} must be real numbers, got dtype {np.asarray(a).dtype}")
         check_finite(name, np.asarray(a, dtype=np.float64))
     check_decays("betas", betas)
     return a_shape[0], n_groups, groups

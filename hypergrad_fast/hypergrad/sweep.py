@@ -197,7 +197,10 @@ class _CustomFunctions:
             raise TypeError("hvp_fn must return a pair (hx, hmeta); hmeta may be None")
         if self.d_meta is not None and out[1] is not None:
             _add(self._be, self.d_meta, out[1])
-        return g, self._states(out[0], "hvp_fn's hx")
+        hx = self._states(out[0], "hvp_fn's hx")
+        if self._be.name == "cpu":  # on a GPU, the results are checked once at the end
+            check_finite(f"hvp_fn's hx (iteration {t})", hx)
+        return g, hx
 
     def valid(self, x):
         out = self._valid_fn(x)
@@ -207,6 +210,7 @@ class _CustomFunctions:
         if loss.shape != (self._be.shape[0],):
             raise ValueError(f"valid_fn's loss must have shape ({self._be.shape[0]},), "
                              f"got {loss.shape}")
+        check_finite("valid_fn's loss", loss)
         return loss, self._states(out[1], "valid_fn's gradient")
 
 
@@ -276,13 +280,19 @@ def _execute(be, fns, x0, progress=False, inspect=None):
         part = be.get(part)
         return part if schedule.ndim == 3 else part.sum(axis=2)
 
-    return SweepResult(valid_loss=valid_loss,
+    result = SweepResult(valid_loss=valid_loss,
                        d_alphas=shaped(out.d_alphas, be.sched_given[0]),
                        d_betas=shaped(out.d_betas, be.sched_given[1]),
                        d_log_init_scales=be.get(part_scales)[:, 0, :],
                        d_meta=None if d_meta is None else be.get(d_meta),
                        x_final=x_final,
                        aux_bits=aux_bits)
+    for field in ("d_alphas", "d_betas", "d_log_init_scales", "d_meta"):
+        value = getattr(result, field)
+        if value is not None:
+            # names [setting, ...]: a non-finite Hessian-vector product (hvp_fn) spreads here
+            check_finite(f"{field}", value)
+    return result
 
 
 # =============================================================================== public
@@ -310,7 +320,7 @@ def sweep(model, data, alphas, betas, log_init_scales=0.0, meta=None, *, batch_s
         (B, G): the training loss adds ``0.5 * sum(exp(meta[b, group]) * x**2)``;
         None for no penalty.  With custom functions, any array (host, or device for
         ``device="cuda"``) handed to them unchanged; ``d_meta`` has its shape.
-    batch_size : examples per minibatch; minibatch t is
+    batch_size : examples per minibatch (None: the whole training set); minibatch t is
         :func:`~hypergrad_fast.models.minibatch` ``(t, n_train, batch_size, seed)``,
         the same for every setting (as in :func:`~hypergrad_fast.models.make_train_loss`).
     x0_noise : int seed of ``default_rng(seed).standard_normal(N)`` (default 0), or an
@@ -350,13 +360,14 @@ def sweep(model, data, alphas, betas, log_init_scales=0.0, meta=None, *, batch_s
     check_decays("betas", betas)
     log_scales = _per_setting("log_init_scales", log_init_scales, runs, n_groups)
     noise = _noise(x0_noise, runs, n_params)
-    if not isinstance(frac_bits, (int, np.integer)) or not 0 <= frac_bits <= 60:
+    if isinstance(frac_bits, bool) or not isinstance(frac_bits, (int, np.integer)) \
+            or not 0 <= frac_bits <= 60:
         raise ValueError(f"frac_bits must be an integer in [0, 60], got {frac_bits!r}")
     if not custom:
         meta = None if meta is None else _per_setting("meta", meta, runs, n_groups)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-                or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1 or
+                                       not isinstance(batch_size, (int, np.integer))):
+            raise ValueError(f"batch_size must be an integer >= 1 or None, got {batch_size!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         if data is None:
@@ -366,6 +377,8 @@ def sweep(model, data, alphas, betas, log_init_scales=0.0, meta=None, *, batch_s
         n_in, n_out = model.layer_sizes[0], model.layer_sizes[-1]
         train = _split("train", train, n_in, n_out)
         valid = _split("valid", valid, n_in, n_out)
+        if batch_size is None:  # every step on the whole training set
+            batch_size = len(train[0])
     elif meta is not None and not hasattr(meta, "shape"):
         meta = _real_array("meta", meta)
     if device == "cuda":
