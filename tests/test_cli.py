@@ -1,13 +1,20 @@
 """The command line on a tiny schedules configuration."""
 
+import io
 import json
+import os
+import shlex
+import signal
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hypergrad_fast.cli import main
+from hypergrad_fast.data import MNIST_ENV, write_idx
 
 TINY = ["--hidden", "10", "--n-train", "200", "--n-valid", "100", "--n-test", "100",
         "--iters", "5", "--batch-size", "50", "--no-progress"]
@@ -130,3 +137,206 @@ def test_python_dash_m_runs_the_cli():
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
     assert "--resume" in done.stdout
+
+
+# -- divergence: the message says what to type, and that command continues ----------------
+
+
+def test_after_divergence_the_suggested_command_continues_with_half_the_step(tmp_path, capsys):
+    out = tmp_path / "o"
+    # Step 3 moves the log learning rates by about 3 per meta-iteration: h_1 trains,
+    # h_2's training run overflows.
+    assert _run(out, "--meta-iters", "3", "--step-size", "3") == 1
+    err = capsys.readouterr().err
+    assert "training diverged at meta-iteration 2" in err and "Traceback" not in err
+    (command,) = [line.strip() for line in err.splitlines()
+                  if line.strip().startswith("hypergrad-fast schedules ")]
+    argv = shlex.split(command)[1:]
+    assert argv == ["schedules", "--out", str(out), *TINY, "--meta-iters", "3",
+                    "--resume", "--step-size", "1.5"]
+    with np.load(out / "checkpoint.npz", allow_pickle=False) as npz:
+        kept = dict(zip(npz["record_keys"].tolist(), npz["records"].T.tolist()))
+
+    # Resuming with the step that diverged would only diverge again: refused at once.
+    assert _run(out, "--meta-iters", "3", "--step-size", "3", "--resume") == 2
+    assert "smaller step size" in capsys.readouterr().err
+
+    assert main(argv) == 0
+    resumed = _results(out)
+    assert resumed["runtime"]["resumed_from_meta_iteration"] == 1
+    assert resumed["config"]["step_size"] == 1.5
+    assert resumed["meta_step_sizes"] == [3.0, 1.5, 1.5]
+    assert resumed["meta_records"]["valid_loss"][:2] == kept["valid_loss"]
+    assert all(np.isfinite(resumed["meta_records"]["valid_loss"]))
+
+
+# -- a bad --out is refused before any work -------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "not writable"])
+def test_a_bad_out_folder_is_refused_up_front(tmp_path, capsys, monkeypatch, case):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    out = {"a file": blocker, "under a file": blocker / "sub" / "out",
+           "not writable": tmp_path / "ro"}[case]
+    if case == "not writable":
+        out.mkdir()
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: (
+            False if Path(p) == out else real_access(p, mode, *a, **k)))
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the data were loaded before --out was checked")
+
+    monkeypatch.setattr("hypergrad_fast.experiments.schedules.SchedulesProblem", no_work)
+    assert _run(out, "--meta-iters", "1") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("hypergrad-fast schedules: error: output folder ")
+    assert str(out if case == "not writable" else blocker) in err
+
+
+# -- crafted checkpoints --------------------------------------------------------------------
+
+
+def test_a_checkpoint_member_claiming_a_huge_array_is_a_clean_error(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert _run(out, "--meta-iters", "1") == 0
+    path = out / "checkpoint.npz"
+    with zipfile.ZipFile(path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f8", "fortran_order": False, "shape": (2**40,)})
+    members["params.npy"] = header.getvalue() + bytes(64)
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, raw in members.items():
+            zf.writestr(name, raw)
+    assert _run(out, "--meta-iters", "2", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "unusable" in err and "params" in err and "Traceback" not in err
+
+
+def test_a_checkpoint_lacking_a_record_field_is_a_clean_error(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert _run(out, "--meta-iters", "1") == 0
+    path = out / "checkpoint.npz"
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    keep = [i for i, k in enumerate(arrays["record_keys"].tolist()) if k != "valid_loss"]
+    arrays["record_keys"] = arrays["record_keys"][keep]
+    arrays["records"] = np.ascontiguousarray(arrays["records"][:, keep])
+    np.savez(path, **arrays)
+    assert _run(out, "--meta-iters", "1", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "valid_loss" in err and "Traceback" not in err
+
+
+def test_a_fifo_named_checkpoint_npz_is_refused_without_waiting(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    os.mkfifo(out / "checkpoint.npz")
+
+    class Hung(Exception):
+        pass
+
+    def alarm(signum, frame):
+        raise Hung("--resume waited on the FIFO")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, 30)
+    try:
+        assert _run(out, "--resume") == 2
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert "not a regular file" in capsys.readouterr().err
+
+
+# -- the data source --------------------------------------------------------------------------
+
+
+def _idx_folder(directory, seed=0):
+    """A tiny MNIST folder in the standard IDX layout: 300 training and 100 test digits
+    of random pixels (enough for TINY's 200 + 100 and 100)."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True)
+    for prefix, n in (("train", 300), ("t10k", 100)):
+        write_idx(directory / f"{prefix}-images-idx3-ubyte",
+                  rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte",
+                  (np.arange(n) % 10).astype(np.uint8))
+    return directory
+
+
+@pytest.fixture
+def no_mnist_env(monkeypatch):
+    monkeypatch.delenv(MNIST_ENV, raising=False)
+
+
+def test_resume_accepts_the_same_data_folder_spelled_differently(tmp_path, monkeypatch,
+                                                                 no_mnist_env):
+    data = _idx_folder(tmp_path / "mnist")
+    out = tmp_path / "o"
+    monkeypatch.setenv(MNIST_ENV, str(data))
+    assert _run(out, "--meta-iters", "1") == 0
+    # A temp file of a writer that died (no process has a pid this large) is removed.
+    stale = out / f".results.json.{2**22 + 17}.{'a' * 16}.tmp"
+    stale.write_bytes(b"half")
+    monkeypatch.setenv(MNIST_ENV, str(data) + "/")
+    assert _run(out, "--meta-iters", "2", "--resume") == 0
+    assert _results(out)["runtime"]["resumed_from_meta_iteration"] == 1
+    assert not stale.exists()
+
+
+def test_data_option_reads_an_idx_folder_and_resume_refuses_another_source(
+        tmp_path, monkeypatch, capsys, no_mnist_env):
+    data = _idx_folder(tmp_path / "mnist")
+    out = tmp_path / "o"
+    assert _run(out, "--meta-iters", "1", "--data", str(data)) == 0
+    config = _results(out)["config"]
+    assert config["mnist_source"] == str(data.resolve())
+    monkeypatch.chdir(tmp_path)
+    assert _run(out, "--meta-iters", "2", "--resume", "--data", "./mnist/") == 0
+    assert _results(out)["runtime"]["resumed_from_meta_iteration"] == 1
+    capsys.readouterr()
+
+    other = _idx_folder(tmp_path / "other", seed=1)
+    assert _run(out, "--meta-iters", "3", "--resume", "--data", str(other)) == 2
+    assert "data" in capsys.readouterr().err
+    assert _run(out, "--meta-iters", "3", "--resume") == 2  # the embedded digits
+    assert "data" in capsys.readouterr().err
+
+
+def test_data_option_must_name_a_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["schedules", "--data", str(tmp_path / "missing")])
+    assert info.value.code == 2
+    assert "argument --data: not a folder" in capsys.readouterr().err
+
+
+# -- Ctrl-C while starting up -------------------------------------------------------------------
+
+_INTERRUPTED_IMPORT = """
+import sys
+
+class Interrupt:
+    # Stands for Ctrl-C while the experiments (autograd, the models) are imported.
+    def find_spec(self, name, path=None, target=None):
+        if name == "hypergrad_fast.experiments":
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, Interrupt())
+from hypergrad_fast.cli import main
+sys.exit(main(["schedules", "--help"]))
+"""
+
+
+def test_an_interrupt_during_start_up_prints_one_line_and_exits_130():
+    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_IMPORT], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 130
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "hypergrad-fast: interrupted; rerun with --resume to continue from the last checkpoint"]

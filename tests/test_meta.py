@@ -1,7 +1,14 @@
 """The meta-optimiser: Adam, records, and checkpoints that resume bit for bit."""
 
+import contextlib
+import io
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import zipfile
 
 import autograd.numpy as anp
 import numpy as np
@@ -10,6 +17,7 @@ from autograd import value_and_grad
 
 from hypergrad_fast.metaopt import (
     BASE_RECORD_KEYS,
+    FORMAT_VERSION,
     CheckpointError,
     adam_init,
     adam_update,
@@ -126,7 +134,7 @@ def test_checkpoint_is_plain_npz_with_json_config(tmp_path):
     _run(tmp_path, 2)
     with np.load(tmp_path / "ckpt.npz", allow_pickle=False) as npz:
         config = json.loads(str(npz["run_config"]))
-        assert int(npz["format_version"]) == config["format_version"] == 1
+        assert int(npz["format_version"]) == config["format_version"] == FORMAT_VERSION == 2
         assert npz["records"].shape == (3, len(npz["record_keys"]))
     assert config["config"] == CONFIG
     assert config["optimizer"]["step_size"] == 0.1
@@ -142,10 +150,11 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run_bit_for_bit(tmp_path)
     with pytest.raises(Stop):
         optimize(_crash_after(crashing, 4), crashing.h0(), 6, 0.1, config=CONFIG,
                  checkpoint=tmp_path / "part.npz", record_fn=crashing.record, progress=False)
-    assert load_checkpoint(tmp_path / "part.npz")["state"].iteration == 4
+    # The checkpoint holds the last evaluation, at h_3, with its gradient.
+    assert load_checkpoint(tmp_path / "part.npz")["state"].iteration == 3
     resumed_problem = TinyProblem()
     resumed = _run(tmp_path, 6, "part.npz", problem=resumed_problem, resume=True)
-    assert resumed.resumed_from == 4
+    assert resumed.resumed_from == 3
     assert resumed_problem.calls == 3  # evaluations at h_4, h_5, h_6 only
     for a, b in zip(whole.state, resumed.state):
         np.testing.assert_array_equal(a, b)
@@ -275,3 +284,209 @@ def test_a_non_finite_hyperloss_stops_the_run():
 
     with pytest.raises(FloatingPointError, match="meta-iteration 0"):
         optimize(f, np.zeros(2), 3, progress=False)
+
+
+# -- divergence: continue from the last finite meta-iteration with a smaller step ------
+
+
+def _diverging_quadratic(limit=1.0):
+    """A hyperloss (h - 3)^2 summed whose "training run" is not finite once any |h|
+    exceeds ``limit``; counts its calls.  From h0 = 0 with step size 0.6, Adam reaches
+    h_1 = 0.6 (finite) and h_2 = 1.19 (diverges)."""
+    def f(h):
+        f.calls += 1
+        if np.max(np.abs(h)) > limit:
+            return float("nan"), np.full_like(h, np.nan)
+        return float(np.sum((h - 3.0) ** 2)), 2.0 * (h - 3.0)
+    f.calls = 0
+    return f
+
+
+def test_after_divergence_a_smaller_step_continues_from_the_last_finite_state(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    with pytest.raises(FloatingPointError, match="meta-iteration 2"):
+        optimize(_diverging_quadratic(), np.zeros(2), 5, 0.6, checkpoint=path, progress=False)
+    f = _diverging_quadratic()
+    result = optimize(f, np.zeros(2), 3, 0.1, checkpoint=path, resume=True, progress=False)
+    assert result.resumed_from == 1
+    assert f.calls == 2  # h_2 and h_3 with the new step; h_1's evaluation is kept
+
+    # The same path by hand: Adam's state after one 0.6 step (moments and count kept),
+    # then steps of 0.1.
+    g = _diverging_quadratic()
+    state = adam_update(adam_init(np.zeros(2)), g(np.zeros(2))[1], 0.6)
+    losses = [g(np.zeros(2))[0]]
+    for _ in range(2):
+        value, grad = g(state.params)
+        losses.append(value)
+        state = adam_update(state, grad, 0.1)
+    losses.append(g(state.params)[0])
+    for a, b in zip(state, result.state):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(result.records["hyperloss"], losses)
+    np.testing.assert_array_equal(result.step_sizes, [0.6, 0.1, 0.1])
+
+
+def test_after_divergence_the_same_step_size_is_refused_before_any_work(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    with pytest.raises(FloatingPointError):
+        optimize(_diverging_quadratic(), np.zeros(2), 5, 0.6, checkpoint=path, progress=False)
+    f = _diverging_quadratic()
+    with pytest.raises(CheckpointError, match=r"diverged at meta-iteration 2 .*step size 0\.6"
+                                              r".*smaller step size, e\.g\. 0\.3"):
+        optimize(f, np.zeros(2), 5, 0.6, checkpoint=path, resume=True, progress=False)
+    assert f.calls == 0
+
+
+def test_divergence_of_the_initial_hyperparameters_says_a_step_size_cannot_help(tmp_path):
+    with pytest.raises(FloatingPointError, match="meta-iteration 0") as info:
+        optimize(_diverging_quadratic(), np.full(2, 5.0), 3, checkpoint=tmp_path / "c.npz",
+                 progress=False)
+    assert "initial hyperparameters" in str(info.value)
+    assert not (tmp_path / "c.npz").exists()
+
+
+# -- settings ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"b1": 1.0}, "b1"), ({"b1": -0.1}, "b1"), ({"b2": 1.0}, "b2"), ({"b2": float("nan")}, "b2"),
+    ({"eps": 0.0}, "eps"), ({"eps": -1e-8}, "eps"), ({"eps": float("inf")}, "eps"),
+    ({"n_iters": 2.7}, "n_iters"), ({"n_iters": -1}, "n_iters"), ({"n_iters": True}, "n_iters"),
+    ({"step_size": float("inf")}, "step_size"), ({"step_size": 0.0}, "step_size"),
+    ({"step_size": "0.1"}, "step_size"),
+])
+def test_adam_settings_that_make_nan_or_truncate_are_refused(kwargs, name):
+    kwargs = {"n_iters": 2, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        optimize(lambda h: (0.0, np.zeros_like(h)), np.zeros(2), progress=False, **kwargs)
+
+
+def test_numpy_integers_and_floats_are_accepted_settings():
+    result = optimize(lambda h: (float(h @ h), 2 * h), np.ones(2), np.int64(2),
+                      np.float64(0.1), b1=np.float32(0.5), progress=False)
+    assert result.state.iteration == 2
+
+
+# -- crafted and odd checkpoint files ------------------------------------------------------
+
+
+def _rewrite_member(path, name, raw):
+    """Replace member ``name`` of the .npz at ``path`` by the bytes ``raw``."""
+    with zipfile.ZipFile(path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    members[name] = raw
+    with zipfile.ZipFile(path, "w") as zf:
+        for n, data in members.items():
+            zf.writestr(n, data)
+
+
+def _npy_header_only(shape, descr="<f8"):
+    """A .npy header claiming ``shape`` followed by 64 bytes: far fewer than it claims."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False,
+                                               "shape": shape})
+    return buf.getvalue() + bytes(64)
+
+
+@pytest.mark.parametrize("member, shape", [
+    ("params.npy", (2**40,)), ("h0.npy", (2**40,)), ("records.npy", (2**37, 7)),
+])
+def test_a_header_claiming_a_huge_array_is_refused_before_reading(tmp_path, member, shape):
+    _run(tmp_path, 2)
+    path = tmp_path / "ckpt.npz"
+    _rewrite_member(path, member, _npy_header_only(shape))
+    with pytest.raises(CheckpointError, match="unusable") as info:
+        _run(tmp_path, 4, resume=True)
+    assert str(path) in str(info.value) and member.removesuffix(".npy") in str(info.value)
+
+
+def _drop_record_key(path, key):
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    keys = arrays["record_keys"].tolist()
+    keep = [i for i, k in enumerate(keys) if k != key]
+    arrays["record_keys"] = arrays["record_keys"][keep]
+    arrays["records"] = np.ascontiguousarray(arrays["records"][:, keep])
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("key", ["wall_time", "hyperloss"])
+def test_a_checkpoint_lacking_a_record_field_is_refused_before_any_work(tmp_path, key):
+    _run(tmp_path, 2)
+    _drop_record_key(tmp_path / "ckpt.npz", key)
+    problem = TinyProblem()
+    with pytest.raises(CheckpointError, match=key):
+        _run(tmp_path, 4, problem=problem, resume=True)
+    assert problem.calls == 0
+
+
+def test_declared_record_keys_are_checked_against_the_checkpoint_before_any_work(tmp_path):
+    _run(tmp_path, 2)
+    _drop_record_key(tmp_path / "ckpt.npz", "h_sum")
+    problem = TinyProblem()
+    with pytest.raises(CheckpointError, match="h_sum"):
+        _run(tmp_path, 2, problem=problem, resume=True, record_keys=("h_sum", "value_again"))
+    assert problem.calls == 0
+
+
+class _Timeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _within(seconds):
+    """Raise _Timeout in the body after ``seconds`` (SIGALRM interrupts a blocking open)."""
+    def alarm(signum, frame):
+        raise _Timeout
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_a_fifo_in_place_of_the_checkpoint_is_refused_without_waiting(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    os.mkfifo(path)
+    with _within(10):
+        with pytest.raises(CheckpointError, match="not a regular file"):
+            load_checkpoint(path)
+        with pytest.raises(CheckpointError, match="not a regular file"):
+            _run(tmp_path, 2, resume=True)
+        with pytest.raises(CheckpointError, match="not a regular file"):
+            _run(tmp_path, 2)  # nor is it replaced by a fresh run
+
+
+# -- temporary files -------------------------------------------------------------------------
+
+_KILLED_WRITER = """
+import os, signal, sys
+from hypergrad_fast.metaopt import atomic_write
+
+def write(f):
+    f.write(b"half a checkpoint")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+atomic_write(sys.argv[1], write)
+"""
+
+
+def test_a_temp_file_left_by_a_killed_writer_is_removed_at_the_next_start(tmp_path):
+    done = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(tmp_path / "ckpt.npz")],
+                          timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith(".ckpt.npz.") and left.name.endswith(".tmp")
+    dead_pid = left.name.split(".")[3]
+    # Kept: a live writer's file (this process's), names not of our pattern, and the
+    # dead writer's temporary file for another target than the checkpoint.
+    keep = {f".ckpt.npz.{os.getpid()}.{'0' * 16}.tmp", ".ckpt.npz.notes.tmp", "other.tmp",
+            f".other.npz.{dead_pid}.{'0' * 16}.tmp"}
+    for name in keep:
+        (tmp_path / name).write_bytes(b"x")
+    _run(tmp_path, 1)
+    assert {p.name for p in tmp_path.iterdir()} == keep | {"ckpt.npz"}

