@@ -10,29 +10,36 @@ compiled MLP losses) -> :mod:`.hypergrad` (Algorithms 1 and 2 once; ``sgd`` and
 :mod:`.experiments` -> :mod:`.cli`.
 """
 
-from .engine import (
-    BatchedReversibleMomentum,
-    EngineState,
-    Prepared,
-    ReversibleMomentum,
-    beta_numerator,
-    effective_beta,
-    gpu_available,
-    information_bound,
-)
-from .hypergrad import SgdRecovery, SweepResult, sgd, sweep
+import importlib
 
-__all__ = [
-    "BatchedReversibleMomentum",
-    "gpu_available",
-    "sgd",
-    "sweep",
-    "SgdRecovery",
-    "SweepResult",
-    "EngineState",
-    "Prepared",
-    "ReversibleMomentum",
-    "beta_numerator",
-    "effective_beta",
-    "information_bound",
-]
+#: Public name -> the module that defines it.  Imported on first use (PEP 562), so
+#: that ``hypergrad-fast --help`` and a Ctrl-C at start-up do not wait for Numba.
+_EXPORTS = {
+    "BatchedReversibleMomentum": ".engine",
+    "EngineState": ".engine",
+    "Prepared": ".engine",
+    "ReversibleMomentum": ".engine",
+    "beta_numerator": ".engine",
+    "effective_beta": ".engine",
+    "gpu_available": ".engine",
+    "information_bound": ".engine",
+    "SgdRecovery": ".hypergrad",
+    "SweepResult": ".hypergrad",
+    "sgd": ".hypergrad",
+    "sweep": ".hypergrad",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hypergrad_fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
