@@ -18,6 +18,7 @@ from hypothesis.extra import numpy as hnp
 import naive
 from hypergrad_fast import (
     EngineState,
+    Prepared,
     ReversibleMomentum,
     beta_numerator,
     effective_beta,
@@ -602,9 +603,8 @@ def _assert_refused(eng, call, exc, pattern, label):
 
 @pytest.fixture(params=["serial", "parallel"])
 def kernels(request, monkeypatch):
-    """Run with the serial kernels, or force the parallel (prange) ones."""
-    if request.param == "parallel":
-        monkeypatch.setattr(_cpu_kernels, "PARALLEL_MIN_SIZE", 1)
+    """Force the serial kernels, or the parallel (prange) ones, whatever the size."""
+    monkeypatch.setattr(_cpu_kernels, "FORCE_BUILD", request.param)
     return request.param
 
 
@@ -742,6 +742,130 @@ def test_refused_step_after_borrowing_changes_nothing():
     raise AssertionError("no step was refused")
 
 
+def _assert_whole_state_equal(a, b, label=""):
+    """Every field of two EngineStates equal, dtype, shape and bits (free rows included)."""
+    for name in EngineState._fields:
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), (
+            f"{label}: {name} differs" + (f" in {int(np.sum(x != y))} cells"
+                                          if x.shape == y.shape else f", {x.shape} vs {y.shape}"))
+
+
+def _refusals(rng, eng, g, alpha, beta):
+    """(label, call, exception) for one refused forward step, at a random parameter."""
+    i = int(rng.integers(eng.size))
+    kinds = [
+        ("huge g", lambda e: e.step(_with(g, {i: 1e300}, e.size), alpha, beta), OverflowError),
+        ("nan g", lambda e: e.step(_with(g, {i: np.nan}, e.size), alpha, beta),
+         FloatingPointError),
+        ("huge alpha", lambda e: e.step(g, _with(alpha, {i: 1e30}, e.size), beta),
+         OverflowError),
+        ("huge v", lambda e: e.step(_with(g, {i: -1e5}, e.size), alpha, beta), OverflowError),
+    ]
+    return kinds[int(rng.integers(len(kinds)))]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_refused_calls_in_a_random_run_leave_the_whole_state_equal(seed, kernels):
+    """Defect 7: a refused step rolled back its pushes, but the popped words stayed in the
+    rows above the stacks' tops, and ``state.words`` showed them."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20_000, 40_000)) if seed else 500  # several kernel chunks, or one
+    beta = rng.uniform(0.3, 0.6, n)
+    alpha = rng.uniform(0.01, 0.1, n)
+    eng = ReversibleMomentum(rng.standard_normal(n))  # no reserve: refusals meet growth
+    start = eng.state
+    taken = []  # the gradients of the steps taken, to undo them
+    refused = highest = 0
+
+    def refuse(label, call, exc):
+        nonlocal refused
+        before, nbytes, iterations = eng.state, eng.aux_nbytes, eng.iterations
+        with pytest.raises(exc):
+            call(eng)
+        _assert_whole_state_equal(eng.state, before, f"{label} at call {t}")
+        assert eng.aux_nbytes == nbytes and eng.iterations == iterations, label
+        assert not eng._status.any(), f"{label}: status left dirty"
+        refused += 1
+
+    for t in range(160):
+        g = grad(eng.x, t)
+        if rng.random() < 0.3:
+            refuse(*_refusals(rng, eng, g, alpha, beta))
+        if taken and rng.random() < 0.3:  # a reverse step, refused calls in its middle
+            g_back = taken.pop()
+            if rng.random() < 0.3:
+                refuse("huge alpha back", lambda e: e.unstep_position(
+                    _with(alpha, {int(rng.integers(n)): 1e30}, n)), OverflowError)
+            eng.unstep_position(alpha)
+            if rng.random() < 0.3:
+                refuse("huge g back", lambda e: e.unstep_velocity(
+                    _with(g_back, {int(rng.integers(n)): 1e300}, n), beta), OverflowError)
+            eng.unstep_velocity(g_back, beta)
+        else:
+            eng.step(g, alpha, beta)
+            taken.append(g)
+        highest = max(highest, int(eng._height.max()))
+    assert refused >= 40 and highest >= 2
+    while taken:  # reversal stays exact
+        eng.unstep_position(alpha)
+        eng.unstep_velocity(taken.pop(), beta)
+    _assert_whole_state_equal(eng.state, start, "back at the start")
+    assert eng.aux_bits == 0.0
+
+
+def test_refused_step_at_step_24_changes_no_word():
+    """The case of the report: betas in [0.3, 0.6], g = 1e300 at step 24."""
+    rng = np.random.default_rng(24)
+    n = 1000
+    eng = ReversibleMomentum(rng.standard_normal(n))
+    beta = rng.uniform(0.3, 0.6, n)
+    for t in range(24):
+        eng.step(grad(eng.x, t), 0.1, beta)
+    before = eng.state
+    with pytest.raises(OverflowError, match="step overflows the fixed-point range at "
+                                            "parameter 500"):
+        eng.step(_with(grad(eng.x, 24), {500: 1e300}, n), 0.1, beta)
+    _assert_whole_state_equal(eng.state, before, "refused step 24")
+
+
+def test_refused_step_does_not_grow_the_buffer():
+    """A step that finds its stacks full and is refused leaves the allocation as it was."""
+    n = 64
+    eng = ReversibleMomentum(np.zeros(n))  # equal columns: all full at once
+    g, bad = np.full(n, 0.5), _with(0.5, {n - 1: 1e300}, n)
+    grew = 0
+    for _ in range(40):  # 16 bits a step: a word every step
+        before, nbytes = eng.state, eng.aux_nbytes
+        with pytest.raises(OverflowError, match=f"at parameter {n - 1}"):
+            eng.step(bad, 0.1, 1e-9)
+        assert eng.aux_nbytes == nbytes
+        _assert_whole_state_equal(eng.state, before, "refused")
+        eng.step(g, 0.1, 1e-9)
+        grew += eng.aux_nbytes > nbytes
+    assert grew >= 5  # the steps that were taken did grow it
+
+
+def test_state_words_are_zero_above_every_stack():
+    rng = np.random.default_rng(8)
+    n = 300
+    beta = rng.uniform(0.01, 1.0, n)  # stacks of many heights
+    eng = ReversibleMomentum(rng.standard_normal(n))
+    gs = [grad(eng.x, 0)]
+    for t in range(60):
+        eng.step(gs[-1], 0.1, beta)
+        gs.append(grad(eng.x, t + 1))
+    for t in range(30):  # popped words stay in memory above the new tops
+        eng.unstep_position(0.1)
+        eng.unstep_velocity(gs[-2 - t], beta)
+    s = eng.state
+    assert s.words.shape[0] == max(s.height.max(), 0)
+    free = np.arange(s.words.shape[0])[:, None] >= s.height[None, :]
+    assert free.any() and not s.words[free].any()
+    live = ~free
+    assert np.array_equal(s.words[live], eng._words[:s.words.shape[0]][live])
+
+
 # ---------------------------------------------------------------- prepared coefficients
 
 
@@ -777,3 +901,97 @@ def test_prepared_coefficients_are_checked():
          "engine of size 5; this is alpha for size 4"),
     ]:
         _assert_refused(eng, call, ValueError, pattern, label)
+
+
+def test_hand_built_prepared_values_are_refused():
+    """Defect 9: ``Prepared`` is public, and a hand-built one reached the kernels
+    unvalidated (``Prepared("beta", N, 0, 0)`` raised ZeroDivisionError)."""
+    n = 6
+    eng = ReversibleMomentum(np.zeros(n))
+    eng.step(np.ones(n), 0.1, 0.5)
+    made_beta, made_alpha = eng.prepare_beta(0.5), eng.prepare_alpha(0.1)
+    g = np.ones(n)
+    for label, call in [
+        ("beta 0", lambda e: e.step(g, 0.1, Prepared("beta", n, 0, 0))),
+        ("beta 2**20", lambda e: e.step(g, 0.1, Prepared("beta", n, 1 << 20, 1 << 20))),
+        ("beta table", lambda e: e.step(g, 0.1, Prepared("beta", n, np.zeros(n, np.int64),
+                                                          made_beta.kernel_arg))),
+        ("alpha nan", lambda e: e.step(g, Prepared("alpha", n, None, np.nan), 0.5)),
+        ("replaced", lambda e: e.step(g, made_alpha._replace(kernel_arg=np.inf), 0.5)),
+        ("made", lambda e: e.step(g, 0.1, Prepared._make(made_beta))),
+        ("reverse", lambda e: e.unstep_position(Prepared("alpha", n, None, 1e30))),
+        ("prepare again", lambda e: e.prepare_beta(Prepared("beta", n, 0, 0))),
+    ]:
+        _assert_refused(eng, call, TypeError, r"is a Prepared that no engine made", label)
+    # the values prepare_* made still work, also copied and pickled
+    import copy
+    import pickle
+
+    twin = ReversibleMomentum(np.zeros(n))
+    twin.step(np.ones(n), 0.1, 0.5)
+    for alpha, beta in [(made_alpha, made_beta), copy.deepcopy((made_alpha, made_beta)),
+                        pickle.loads(pickle.dumps((made_alpha, made_beta)))]:
+        eng.step(g, alpha, beta)
+        twin.step(g, 0.1, 0.5)
+    assert_same_state(eng.state, twin.state)
+
+
+def test_prepared_alpha_keeps_what_was_validated():
+    n = 5
+    alpha = np.full(n, 0.1)
+    eng, twin = ReversibleMomentum(np.zeros(n)), ReversibleMomentum(np.zeros(n))
+    prepared = eng.prepare_alpha(alpha)
+    alpha[2] = 1e30  # the caller's array changes after validation
+    eng.step(np.ones(n), prepared, 0.5)
+    twin.step(np.ones(n), 0.1, 0.5)
+    assert_same_state(eng.state, twin.state)
+
+
+@pytest.mark.parametrize("beta, pattern", [
+    (np.nan, r"beta = nan is not finite"),
+    (0.0, r"beta = 0.0 is outside \(0, 1\]"),
+    (7.0, r"beta = 7.0 is outside \(0, 1\]"),
+    (-np.inf, r"beta = -inf is not finite"),
+    (np.array([0.5, 0.9, np.nan, 0.5]), r"beta\[2\] = nan is not finite"),
+    (np.array([[0.5] * 4, [0.5, 0.5, 0.5, 1.5], [0.5] * 4]), r"beta\[1, 3\] = 1.5 is outside"),
+    (np.full(5, 0.5), r"beta must be a scalar or have shape \(4,\), \(3,\), \(3, 4\) or "
+                      r"\(3, 1\), got shape \(5,\)"),
+    (np.full((3, 2), 0.5), r"got shape \(3, 2\)"),
+    (np.full((3, 4, 1), 0.5), r"got shape \(3, 4, 1\)"),
+])
+def test_reserve_refuses_bad_betas(beta, pattern):
+    """Defect 9: reserve() took beta NaN, 0 and 7 (and sized the stacks from them)."""
+    eng = ReversibleMomentum(np.zeros(4))
+    with pytest.raises(ValueError, match=pattern):
+        eng.reserve(3, beta)
+    assert eng.aux_nbytes == 0
+    eng.reserve(3, np.full((3, 1), 0.5))  # the shapes it takes
+    eng.reserve(3, np.full((3, 4), 0.5))
+    eng.reserve(3, np.full(3, 0.5))
+    eng.reserve(0, np.zeros((0, 4)) + 0.5)
+
+
+@pytest.mark.parametrize("iterations", [-1, 2.0, 1.5, True, "3", None, np.float64(3)])
+def test_reserve_refuses_bad_iterations(iterations):
+    eng = ReversibleMomentum(np.zeros(4))
+    with pytest.raises(ValueError, match=r"iterations must be an integer >= 0, got "
+                       + re.escape(repr(iterations))):
+        eng.reserve(iterations, 0.5)
+    assert eng.aux_nbytes == 0
+    eng.reserve(np.int64(100), 0.5)  # 100 bits: 6 words
+    assert eng.aux_nbytes == 6 * 4 * 2
+
+
+@pytest.mark.parametrize("frac_bits", [True, False, np.bool_(True), 1.0, 52.0, "52", None,
+                                       -1, 61])
+def test_frac_bits_must_be_an_integer_in_range_in_both_engines(frac_bits):
+    """Defect 9: frac_bits=True was taken as 1."""
+    from hypergrad_fast import BatchedReversibleMomentum
+
+    pattern = r"frac_bits must be an integer in \[0, 60\], got " + re.escape(repr(frac_bits))
+    with pytest.raises(ValueError, match=pattern):
+        ReversibleMomentum(np.zeros(2), frac_bits=frac_bits)
+    # checked before the GPU is looked for, so this holds on any machine
+    with pytest.raises(ValueError, match=pattern):
+        BatchedReversibleMomentum(np.zeros((1, 2)), frac_bits=frac_bits)
+    assert ReversibleMomentum(np.zeros(2), frac_bits=np.int32(7)).frac_bits == 7

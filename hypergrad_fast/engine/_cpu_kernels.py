@@ -15,12 +15,18 @@ host runs the inverse kernel with the same status array, which undoes exactly th
 elements that were updated, and the engine is as it was.  The status array is all
 zero between calls.  All arithmetic is in :mod:`._arith`.
 
-Every kernel is compiled twice from one Python function: a parallel version for
-large vectors and a serial one for small vectors, where starting the thread team
-costs more than it saves (and its spinning threads slow down the BLAS calls of the
-model's gradient between steps).
+Every kernel is compiled twice from one Python function, a serial and a parallel
+build, which give identical bits.  Small vectors always take the serial build:
+starting the thread team costs more than it saves (and its spinning threads slow
+down the BLAS calls of the model's gradient between steps).  For large vectors the
+faster build is picked at run time from the calls' own timings (see
+:class:`_Choice`): on an idle machine that is the parallel one, but when other
+processes keep cores busy the thread team waits for its slowest thread, and the
+serial build can be the faster.
 """
 
+import math
+import time
 import types
 
 import numpy as np
@@ -292,6 +298,17 @@ def _undecay(v, state, height, words, g, beta_n, scale, status, chunk, first_fai
 
 #: Below this many parameters the serial kernels are used.
 PARALLEL_MIN_SIZE = 1 << 17
+#: "serial" or "parallel" to run that build at every size (tests, benchmarks);
+#: None to choose by size and timings.
+FORCE_BUILD = None
+#: The share of kernel time spent timing again the build that was slower.
+RETIME_SHARE = 1 / 32
+#: The weight of a call's time in the running mean of the faster build's time.
+LATEST_WEIGHT = 1 / 8
+#: Kinds of call remembered per kernel; more are forgotten all at once.
+MAX_CHOICES = 64
+
+_SERIAL, _PARALLEL = 0, 1
 
 
 def _renamed(func, suffix):
@@ -308,17 +325,92 @@ def _renamed(func, suffix):
     return copy
 
 
+class _Choice:
+    """Which build of a kernel is faster for one kind of call, timed on the calls themselves.
+
+    Each build's first call is not counted (it may compile or load from the cache,
+    and it touches cold memory); its second gives it a time in seconds.  From then
+    on the faster build runs, its time a running mean of its calls (weight
+    LATEST_WEIGHT on the latest), and the slower build is timed again once the
+    faster one has run for ``1 / RETIME_SHARE`` times the slower one's last time:
+    re-timing costs at most about RETIME_SHARE of the kernel time, however slow the
+    slower build has become.
+
+    With another process computing, the parallel build's calls vary: most as fast
+    as idle, some several times slower (a thread that lost its core holds up the
+    team).  The running mean weighs both as they come, so the build with the
+    smaller mean time wins, and a load that slows a build several times over
+    shows within a call or two.
+    """
+
+    def __init__(self):
+        self.calls = [0, 0]  # per build
+        self.seconds = [math.inf, math.inf]  # per build: the time of one call
+        self.since_retime = 0.0  # seconds the faster build ran since the slower was timed
+
+    def pick(self):
+        """The build to run next: _SERIAL or _PARALLEL."""
+        for build in (_SERIAL, _PARALLEL):
+            if self.calls[build] < 2:
+                return build
+        fast = _SERIAL if self.seconds[_SERIAL] <= self.seconds[_PARALLEL] else _PARALLEL
+        slow = 1 - fast
+        return slow if self.since_retime * RETIME_SHARE >= self.seconds[slow] else fast
+
+    def record(self, build, seconds):
+        """Note that a call of ``build`` took ``seconds``."""
+        self.calls[build] += 1
+        if self.calls[build] == 1:
+            return
+        mine, other = self.seconds[build], self.seconds[1 - build]
+        if math.isfinite(mine) and mine <= other:  # the faster build
+            self.seconds[build] = mine + LATEST_WEIGHT * (seconds - mine)
+            self.since_retime += seconds
+        else:  # its first time, or the slower build timed again: the old time is stale
+            self.seconds[build] = seconds
+            self.since_retime = 0.0
+
+
 class _Kernel:
-    """One kernel function compiled serially and in parallel; picks by vector length."""
+    """One kernel function compiled serially and in parallel, calling the faster.
+
+    Below PARALLEL_MIN_SIZE elements the serial build runs.  Above, one
+    :class:`_Choice` per kind of call (vector length and argument types: a scalar
+    or per-parameter beta costs differently) picks the build.
+    """
+
+    instances = []
 
     def __init__(self, func):
         self.serial = njit(cache=True)(_renamed(func, "_serial"))
         self.parallel = njit(cache=True, parallel=True)(func)
         self.__doc__ = func.__doc__
+        self.choices = {}
+        _Kernel.instances.append(self)
 
     def __call__(self, first, *args):
-        big = first.shape[0] >= PARALLEL_MIN_SIZE
-        return (self.parallel if big else self.serial)(first, *args)
+        n = first.shape[0]
+        if FORCE_BUILD is not None:
+            return getattr(self, FORCE_BUILD)(first, *args)
+        if n < PARALLEL_MIN_SIZE:
+            return self.serial(first, *args)
+        key = (n,) + tuple(map(type, args))
+        choice = self.choices.get(key)
+        if choice is None:
+            if len(self.choices) >= MAX_CHOICES:
+                self.choices.clear()
+            choice = self.choices[key] = _Choice()
+        build = choice.pick()
+        start = time.perf_counter()
+        result = (self.parallel if build == _PARALLEL else self.serial)(first, *args)
+        choice.record(build, time.perf_counter() - start)
+        return result
+
+
+def forget_timings():
+    """Start every kernel's choice of build afresh (benchmarks that change the load)."""
+    for kernel in _Kernel.instances:
+        kernel.choices.clear()
 
 
 to_fixed = _Kernel(_to_fixed)

@@ -60,6 +60,57 @@ def held_bits(coder, height):
     return float(WORD_BITS * np.asarray(height).astype(np.float64).sum() + held.sum())
 
 
+def stack_contents(words, height):
+    """The word stacks as :class:`EngineState` reports them, from a host copy of the rows.
+
+    ``words`` is a (rows, columns) copy of the lowest rows of the word array and
+    ``height`` the columns' stack heights; ``words[h, i]`` is kept for ``h < height[i]``
+    and set to 0 above (in place).  Returns ``words``.
+    """
+    # A pop, and the rollback of a refused push, leave the word in memory above the
+    # new top: free space, which must not show in the state.  Rows below the lowest
+    # stack are all live.
+    for h in range(max(int(height.min()), 0), words.shape[0]):
+        words[h, height <= h] = 0
+    return words
+
+
+def check_frac_bits(frac_bits):
+    """``frac_bits`` as an int in [0, 60]; ValueError for anything else (bools included)."""
+    if (isinstance(frac_bits, (bool, np.bool_)) or not isinstance(frac_bits, (int, np.integer))
+            or not 0 <= frac_bits <= 60):
+        raise ValueError(f"frac_bits must be an integer in [0, 60], got {frac_bits!r}")
+    return int(frac_bits)
+
+
+def check_iterations(iterations):
+    """``iterations`` as an int >= 0; ValueError for anything else (bools included)."""
+    if (isinstance(iterations, (bool, np.bool_))
+            or not isinstance(iterations, (int, np.integer)) or iterations < 0):
+        raise ValueError(f"iterations must be an integer >= 0, got {iterations!r}")
+    return int(iterations)
+
+
+def check_decays(beta):
+    """``beta`` (any shape) as float64, every value a decay in (0, 1].
+
+    Raises ValueError naming the first value that is not (NaN and infinities
+    included), TypeError for a non-real dtype.
+    """
+    arr = np.asarray(beta)
+    if arr.dtype.kind not in "fiub":
+        raise TypeError(f"beta must be real, got dtype {arr.dtype}")
+    a = arr.astype(np.float64, copy=False)  # a broadcast (T, B, N) view stays a view
+    bad = ~((a > 0.0) & (a <= 1.0))  # NaN fails both comparisons
+    if bad.any():
+        index = np.unravel_index(int(np.argmax(bad)), a.shape)
+        where = "beta" + (f"[{', '.join(str(int(i)) for i in index)}]" if index else "")
+        value = a[index]
+        problem = "is outside (0, 1]" if np.isfinite(value) else "is not finite"
+        raise ValueError(f"{where} = {value} {problem}")
+    return a
+
+
 class EngineState(NamedTuple):
     """The whole state of a :class:`ReversibleMomentum` engine.
 
@@ -67,7 +118,13 @@ class EngineState(NamedTuple):
     coder:    uint64 coder state per parameter, in [2**48, 2**64)
     height:   int32 number of 16-bit words each parameter has on its stack
               (negative after borrowing from an empty stack)
-    words:    uint16 word stacks, shape (rows, N): words[h, i] is word h of parameter i
+    words:    uint16 word stacks, shape (rows, N) with rows the highest stack (0 if
+              none is above 0): words[h, i] is word h of parameter i for
+              h < height[i], and 0 for h >= height[i]
+
+    Two engines hold the same numbers exactly when every field is equal
+    (``np.array_equal``): the memory above a stack's top is free space, never
+    part of the state, so a refused call leaves the whole state as it was.
     """
 
     x: np.ndarray
@@ -77,18 +134,34 @@ class EngineState(NamedTuple):
     words: np.ndarray
 
 
-class Prepared(NamedTuple):
-    """An ``alpha`` or ``beta`` validated once, to pass to the steps again and again.
-
-    Made by :meth:`ReversibleMomentum.prepare_alpha` / :meth:`~ReversibleMomentum.prepare_beta`;
-    a schedule that repeats its coefficients saves their validation and, for
-    per-parameter betas, the table of their constants at every step.
-    """
-
+class _PreparedFields(NamedTuple):
     name: str  # "alpha" or "beta"
     size: int  # the engine size it was prepared for
     numerators: object  # beta: the numerators n (int or (N,) int64); alpha: None
     kernel_arg: object  # what the kernels take: a float / int, an array or a table
+
+
+class Prepared(_PreparedFields):
+    """An ``alpha`` or ``beta`` validated once, to pass to the steps again and again.
+
+    Made by :meth:`ReversibleMomentum.prepare_alpha` / :meth:`~ReversibleMomentum.prepare_beta`
+    only: the engines refuse (TypeError) a ``Prepared`` built by hand or with
+    ``_replace``, whose fields nobody validated.  A schedule that repeats its
+    coefficients saves their validation and, for per-parameter betas, the table
+    of their constants at every step.  Its arrays are the engine's own copies.
+    """
+
+    # No ``__slots__ = ()``: an instance has a __dict__ for the mark below, which
+    # copies and pickles keep and which tuple construction (by hand, ``_make``,
+    # ``_replace``) never sets.
+    _made_by_engine = False
+
+
+def _made(name, size, numerators, kernel_arg):
+    """A :class:`Prepared` marked as made (and validated) by an engine."""
+    prepared = Prepared(name, size, numerators, kernel_arg)
+    prepared._made_by_engine = True
+    return prepared
 
 
 def _for_kernel(coef):
@@ -163,9 +236,7 @@ class ReversibleMomentum(StepOrder):
     """
 
     def __init__(self, x0, v0=None, frac_bits=52):
-        if not isinstance(frac_bits, (int, np.integer)) or not 0 <= frac_bits <= 60:
-            raise ValueError(f"frac_bits must be an integer in [0, 60], got {frac_bits!r}")
-        self.frac_bits = int(frac_bits)
+        self.frac_bits = check_frac_bits(frac_bits)
         self._scale = float(2.0**self.frac_bits)
         x0 = self._vector(x0, "x0", None)
         n = x0.shape[0]
@@ -224,25 +295,38 @@ class ReversibleMomentum(StepOrder):
 
     @property
     def state(self):
-        """Copies of the exact integer state, as an :class:`EngineState`."""
-        rows = max(int(self._height.max()), 0)
-        return EngineState(self._x.copy(), self._v.copy(), self._coder.copy(),
-                           self._height.copy(), self._words[:rows].copy())
+        """Copies of the exact integer state, as an :class:`EngineState`.
+
+        ``words`` holds each stack's words and zeros above its top (see
+        :class:`EngineState`).
+        """
+        height = self._height.copy()
+        rows = max(int(height.max()), 0)
+        return EngineState(self._x.copy(), self._v.copy(), self._coder.copy(), height,
+                           stack_contents(self._words[:rows].copy(), height))
 
     # ----------------------------------------------------------------- capacity
     def reserve(self, iterations, beta):
         """Allocate the word stacks for ``iterations`` more steps at decay ``beta``.
 
         Sizing up front means the buffer is never regrown during the run.
-        ``beta`` is a scalar, a per-parameter array, or a sequence of per-step
-        values (shape (iterations,) or (iterations, N)).
+        ``iterations`` is an integer >= 0; ``beta`` is a scalar, a per-parameter
+        array (N,), or a sequence of per-step values, shape (iterations,),
+        (iterations, N) or (iterations, 1); every value must be in (0, 1]
+        (ValueError naming the first that is not).  Where a shape fits both
+        readings (iterations == N), the per-parameter reading wins.
         """
-        bits = information_bound(np.asarray(beta, dtype=np.float64))
-        if bits.ndim == 2 or (bits.ndim == 1 and bits.shape[0] == iterations
-                              and bits.shape[0] != self.size):
+        iterations = check_iterations(iterations)
+        bits = information_bound(check_decays(beta))
+        n = self.size
+        if bits.shape in ((), (n,)):
+            per_param = bits * iterations
+        elif bits.shape in ((iterations,), (iterations, n), (iterations, 1)):
             per_param = bits.sum(axis=0)
         else:
-            per_param = bits * iterations
+            raise ValueError(
+                f"beta must be a scalar or have shape ({n},), ({iterations},), "
+                f"({iterations}, {n}) or ({iterations}, 1), got shape {bits.shape}")
         # The fullest stack decides: stacks fill at different rates with per-parameter betas.
         held = WORD_BITS * self._height + np.log2(self._coder.astype(np.float64)) \
             - STATE_LOW_BITS
@@ -269,14 +353,15 @@ class ReversibleMomentum(StepOrder):
         after growing by at least one row (1/16 of the rows at a time) the kernel
         runs again on them alone, the others being marked SKIP.  Growing only when
         a word has nowhere to go keeps the allocation within a row of what is held.
+        A call that some element refuses does not grow: it is rolled back, and the
+        allocation stays as it was too.
         """
         kernel(*args)
-        if _first(self._first_fail) < 0:
+        bad = _first(self._first_fail)
+        if bad < 0 or self._status[bad] != k.ROOM or self._refused() >= 0:
             return
         status = self._status
         room = status == k.ROOM
-        if not room.any():
-            return
         have = self._words.shape[0]
         self._grow(max(have + 1, have + have // 16))
         status[status == k.OK] = k.SKIP
@@ -304,6 +389,14 @@ class ReversibleMomentum(StepOrder):
             self._status.fill(0)
             self._raise_value(name, bad, values[bad])
         return out
+
+    def _refused(self):
+        """The first element that a kernel refused (not merely ROOM), or -1."""
+        bad = _first(self._first_fail)
+        if bad < 0 or self._status[bad] != k.ROOM:
+            return bad
+        refused = np.flatnonzero((self._status == k.FAIL) | (self._status == k.CORRUPT))
+        return int(refused[0]) if refused.size else -1
 
     def _raise_value(self, name, index, value):
         if not np.isfinite(value):
@@ -339,18 +432,31 @@ class ReversibleMomentum(StepOrder):
 
     def prepare_alpha(self, alpha):
         """Validate ``alpha`` (scalar or (N,)) once; pass the result as ``alpha`` to the steps."""
-        return Prepared("alpha", self.size, None, self._alpha_arg(alpha))
+        if isinstance(alpha, Prepared):
+            return self._prepared(alpha, "alpha")
+        arg = _for_kernel(self._coefficient(alpha, "alpha"))
+        if isinstance(arg, np.ndarray) and np.may_share_memory(arg, np.asarray(alpha)):
+            arg = arg.copy()  # what was validated must not change with the caller's array
+        return _made("alpha", self.size, None, arg)
 
     def prepare_beta(self, beta):
         """Validate ``beta`` (scalar or (N,), in (0, 1]) once; pass the result as ``beta``."""
+        if isinstance(beta, Prepared):
+            return self._prepared(beta, "beta")
         n = self._beta_numerators(beta)
-        return Prepared("beta", self.size, n, n if np.ndim(n) == 0 else k.beta_table(n))
+        return _made("beta", self.size, n, n if np.ndim(n) == 0 else k.beta_table(n))
 
     def _beta_numerators(self, beta):
         """The validated numerators of ``beta``: an int, or an (N,) int64 array."""
         return _for_kernel(beta_numerator(self._coefficient(beta, "beta", unit_interval=True)))
 
     def _prepared(self, value, name):
+        """A :class:`Prepared` ``value`` checked for use as ``name`` on this engine."""
+        if not value._made_by_engine:
+            raise TypeError(
+                f"{name} is a Prepared that no engine made (built by hand or with "
+                f"_replace), so its fields were never validated; make it with "
+                f"prepare_{name}(), or pass the plain value")
         if value.name != name or value.size != self.size:
             raise ValueError(f"{name} was prepared as {value.name} for an engine of size "
                              f"{value.size}; this is {name} for size {self.size}")
@@ -420,7 +526,7 @@ class ReversibleMomentum(StepOrder):
         self._forward(k.step, self._x, self._v, self._coder, self._height, self._words, g,
                       alpha, beta_k, self._scale, self._status, self._scratch, self._chunk,
                       self._first_fail)
-        bad = _first(self._first_fail)
+        bad = self._refused()
         if bad >= 0:  # undo the elements that were updated; the status marks the others
             k.position(self._x, self._v, alpha, -1, self._status, self._chunk,
                        self._first_fail)

@@ -15,7 +15,18 @@ in the environment before numba is first imported) runs it on the CPU, slowly.
 import numpy as np
 
 from ._arith import BETA_DENOM, FIXED_LIMIT_BITS, STATE_INIT, STATE_LOW_BITS, WORD_BITS
-from .cpu import EngineState, StepOrder, held_bits, beta_numerator, information_bound
+from .cpu import (
+    EngineState,
+    Prepared,
+    StepOrder,
+    beta_numerator,
+    check_decays,
+    check_frac_bits,
+    check_iterations,
+    held_bits,
+    information_bound,
+    stack_contents,
+)
 
 try:  # numba-cuda imports without a driver; this only guards a broken install
     from numba import cuda
@@ -129,13 +140,12 @@ class BatchedReversibleMomentum(StepOrder):
     """
 
     def __init__(self, x0, v0=None, frac_bits=52):
-        if not isinstance(frac_bits, (int, np.integer)) or not 0 <= frac_bits <= 60:
-            raise ValueError(f"frac_bits must be an integer in [0, 60], got {frac_bits!r}")
+        frac_bits = check_frac_bits(frac_bits)
         _require_gpu()
         from . import _gpu_kernels as gk
 
         self._k = gk
-        self.frac_bits = int(frac_bits)
+        self.frac_bits = frac_bits
         self._scale = float(2.0**self.frac_bits)
         self._top_height = 0  # bound on every stack's height (highest ever reached)
         x0 = self._states(x0, "x0", None)
@@ -230,12 +240,14 @@ class BatchedReversibleMomentum(StepOrder):
 
         x, v, coder, height have shape (B, N); words has shape (rows, B, N) with
         rows the highest stack; ``words[:, b]`` is run b's buffer as the CPU
-        engine lays it out.
+        engine lays it out, zeros above each stack's top included, so a refused
+        call leaves every field equal (see :class:`EngineState`).
         """
         height = self._height.copy_to_host()
         rows = max(int(height.max()), 0)
         words = self._words[:rows].copy_to_host() if rows else np.zeros((0, self.size),
                                                                         np.uint16)
+        stack_contents(words, height)
         return EngineState(self._x.copy_to_host().reshape(self._shape),
                            self._v.copy_to_host().reshape(self._shape),
                            self._coder.copy_to_host().reshape(self._shape),
@@ -251,10 +263,11 @@ class BatchedReversibleMomentum(StepOrder):
         or a sequence of per-step values of shape (iterations,),
         (iterations, B) or (iterations, B, N).  Where a shape fits both readings
         (iterations == B), the per-run reading wins, as on the CPU engine.
+        ``iterations`` is an integer >= 0 and every beta must be in (0, 1]
+        (ValueError naming the first that is not).
         """
-        if not isinstance(iterations, (int, np.integer)) or iterations < 0:
-            raise ValueError(f"iterations must be an integer >= 0, got {iterations!r}")
-        bits = information_bound(np.asarray(beta, dtype=np.float64))
+        iterations = check_iterations(iterations)
+        bits = information_bound(check_decays(beta))
         runs, n = self._shape
         if bits.shape in ((), (runs,), (runs, n)):
             new_bits = bits * iterations
@@ -347,6 +360,9 @@ class BatchedReversibleMomentum(StepOrder):
 
     def _coefficient(self, value, name, unit_interval=False):
         """Validate a coefficient: returns (mode, flat float64 values)."""
+        if isinstance(value, Prepared):
+            raise TypeError(f"{name} is a Prepared, which only the CPU engine takes; pass "
+                            "the plain value (a scalar, (B,) or (B, N) array)")
         arr = np.asarray(value)
         if arr.dtype.kind not in "fiub":
             raise TypeError(f"{name} must be real, got dtype {arr.dtype}")

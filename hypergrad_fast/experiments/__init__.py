@@ -2,16 +2,27 @@
 
 Each module defines ``EXPERIMENT`` (:class:`~._args.Experiment`); :data:`EXPERIMENTS`
 maps subcommand names to them, in the order the CLI lists them, and the CLI and the
-tests read it.
+tests read it.  What they share (settings, data, the checkpointed meta-optimisation,
+results.json with the gallery keys, figures, common flags) lives in :mod:`._runner`.
+
+``schedules`` learned learning-rate schedules, momenta and init scales;
+``init-scales`` learned initial scales vs 1/sqrt(fan-in); ``l2-per-weight`` one L2
+penalty per logistic-regression weight vs one shared; ``learned-data`` ten learned
+training images vs ten real ones; ``all`` runs them all and writes an offline gallery.
 """
 
 from ._args import Experiment
 from .schedules import (QUICK, ConfigError, SchedulesConfig, SchedulesProblem,
                         run_schedules)
 from .schedules import EXPERIMENT as _SCHEDULES
+from .init_scales import EXPERIMENT as _INIT_SCALES
+from .l2_per_weight import EXPERIMENT as _L2_PER_WEIGHT
+from .learned_data import EXPERIMENT as _LEARNED_DATA
+from .gallery import EXPERIMENT as _ALL
 
 #: name -> :class:`Experiment`, one per subcommand.
-EXPERIMENTS = {e.name: e for e in (_SCHEDULES,)}
+EXPERIMENTS = {e.name: e for e in (_SCHEDULES, _INIT_SCALES, _L2_PER_WEIGHT,
+                                   _LEARNED_DATA, _ALL)}
 
 __all__ = ["EXPERIMENTS", "Experiment", "ConfigError", "QUICK", "SchedulesConfig",
            "SchedulesProblem", "run_schedules"]

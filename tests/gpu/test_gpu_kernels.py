@@ -285,3 +285,102 @@ def test_device_views_of_x_and_v_equal_the_host_copies():
     np.testing.assert_array_equal(out.copy_to_host(), gpu.v)
     with pytest.raises(ValueError, match="must be a C-contiguous float64 device array"):
         gpu.x_device(cuda.device_array((9, 2)))
+
+
+def test_refused_calls_in_a_random_run_leave_the_whole_state_equal():
+    """Defect 7: a refused step's pushes were rolled back, but the popped words stayed
+    above the stacks' tops, where ``state.words`` showed them."""
+    rng, x0, gpu, cpus = _setup(11, 2, 24)
+    beta = rng.uniform(0.01, 0.6, (2, 24))  # many words move to and from the stacks
+    alpha = rng.uniform(0.01, 0.1, (2, 24))
+    start = gpu.state
+    taken, refused, highest = [], 0, 0
+
+    def refuse(call, exc):
+        nonlocal refused
+        before, iterations = gpu.state, gpu.iterations
+        with pytest.raises(exc):
+            call()
+        _assert_state_equal(gpu.state, before)
+        assert gpu.iterations == iterations
+        refused += 1
+
+    def spoiled(g, value):
+        bad = g.copy()
+        bad[int(rng.integers(2)), int(rng.integers(24))] = value
+        return bad
+
+    for t in range(40):
+        g = _gradient(gpu.x, t)
+        if rng.random() < 0.4:
+            kind = int(rng.integers(3))
+            if kind == 0:
+                refuse(lambda: gpu.step(spoiled(g, 1e30), alpha, beta), OverflowError)
+            elif kind == 1:
+                refuse(lambda: gpu.step(spoiled(g, np.nan), alpha, beta), FloatingPointError)
+            else:
+                refuse(lambda: gpu.step(g, spoiled(alpha, 1e30), beta), OverflowError)
+        if taken and rng.random() < 0.3:
+            g_back = taken.pop()
+            gpu.unstep_position(alpha)
+            if rng.random() < 0.5:
+                refuse(lambda: gpu.unstep_velocity(spoiled(g_back, 1e30), beta),
+                       OverflowError)
+            gpu.unstep_velocity(g_back, beta)
+        else:
+            gpu.step(g, alpha, beta)
+            taken.append(g)
+        highest = max(highest, int(gpu.state.height.max()))
+    assert refused >= 10 and highest >= 2
+    while taken:  # and reversal stays exact
+        gpu.unstep_position(alpha)
+        gpu.unstep_velocity(taken.pop(), beta)
+    _assert_state_equal(gpu.state, start)
+
+
+def test_state_words_are_zero_above_every_stack():
+    rng, x0, gpu, cpus = _setup(12, 2, 10)
+    beta = rng.uniform(0.01, 1.0, (2, 10))
+    gs = []
+    for t in range(24):
+        gs.append(_gradient(gpu.x, t))
+        gpu.step(gs[-1], 0.2, beta)
+    for t in range(12):  # popped words stay in device memory above the new tops
+        gpu.unstep_position(0.2)
+        gpu.unstep_velocity(gs.pop(), beta)
+    s = gpu.state
+    assert s.words.shape[0] == max(s.height.max(), 0)
+    free = np.arange(s.words.shape[0])[:, None, None] >= s.height[None]
+    assert free.any() and not s.words[free].any()
+
+
+@pytest.mark.parametrize("beta, pattern", [
+    (np.nan, r"beta = nan is not finite"),
+    (0.0, r"beta = 0.0 is outside \(0, 1\]"),
+    (7.0, r"beta = 7.0 is outside \(0, 1\]"),
+    (np.array([0.5, np.inf]), r"beta\[1\] = inf is not finite"),
+    (np.array([[0.5, 0.5, 0.5], [0.5, 0.0, 0.5]]), r"beta\[1, 1\] = 0.0 is outside"),
+])
+def test_reserve_refuses_bad_betas(beta, pattern):
+    """Defect 9: reserve() took beta NaN, 0 and 7."""
+    gpu = BatchedReversibleMomentum(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=pattern):
+        gpu.reserve(4, beta)
+    assert gpu.aux_nbytes == 0
+    for iterations in (-1, 1.5, True, "4"):
+        with pytest.raises(ValueError, match=r"iterations must be an integer >= 0"):
+            gpu.reserve(iterations, 0.5)
+
+
+def test_prepared_values_and_bool_frac_bits_are_refused():
+    """Defect 9: the GPU engine takes plain coefficients only, and frac_bits=True is no 1."""
+    gpu = BatchedReversibleMomentum(np.zeros((2, 3)))
+    cpu = ReversibleMomentum(np.zeros(6))
+    with pytest.raises(TypeError, match=r"alpha is a Prepared, which only the CPU engine takes"):
+        gpu.step(np.zeros((2, 3)), cpu.prepare_alpha(0.1), 0.5)
+    with pytest.raises(TypeError, match=r"beta is a Prepared"):
+        gpu.step(np.zeros((2, 3)), 0.1, cpu.prepare_beta(0.5))
+    assert gpu.iterations == 0
+    for frac_bits in (True, False, 1.0):
+        with pytest.raises(ValueError, match=r"frac_bits must be an integer in \[0, 60\]"):
+            BatchedReversibleMomentum(np.zeros((2, 3)), frac_bits=frac_bits)
