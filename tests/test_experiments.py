@@ -125,11 +125,11 @@ def test_init_scales_records_the_scales_and_the_heuristic(tmp_path):
     assert r["meta_records"]["scale_W0"][-1] == pytest.approx(s["learned_init_scales"]["W0"])
 
 
-def test_l2_per_weight_learns_one_penalty_per_parameter(tmp_path):
+def test_l2_per_weight_learns_one_penalty_per_weight_and_one_for_the_biases(tmp_path):
     out = tmp_path / "o"
     assert _run("l2-per-weight", out, "--meta-iters", "1") == 0
     r = _results(out)
-    assert len(r["learned"]["log_l2_per_weight"]) == 7850
+    assert len(r["learned"]["log_l2_per_weight"]) == 7841  # 7,840 weights + the bias block
     assert len(set(r["learned"]["log_l2_per_weight"])) > 1  # they move apart
     assert (out / "checkpoint_per_weight.npz").is_file()
     assert (out / "checkpoint_shared.npz").is_file()

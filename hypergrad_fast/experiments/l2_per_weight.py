@@ -66,7 +66,7 @@ QUICK = {"meta_iters": 20}
 
 class L2Problem(MnistProblem):
     """The hyperloss of :class:`L2Config` for one variant: ``log_l2`` of shape
-    (7,850,) (``per_weight``: one per parameter, biases included) or (1,)
+    (7,841,) (``per_weight``: one per weight and one for the bias block) or (1,)
     (``shared``); training starts from zero weights with the fixed learning rate and
     momentum.  ``data``: splits already loaded (both variants share them)."""
 
@@ -78,7 +78,8 @@ class L2Problem(MnistProblem):
         self.model = LogisticRegression(N_PIXELS, N_CLASSES)
         self.layout = self.model.layout
         mode = "weight" if variant == "per_weight" else "group"
-        n = self.layout.size if variant == "per_weight" else 1
+        self._n_weights = self.layout.slices["W0"].stop
+        n = self._n_weights + 1 if variant == "per_weight" else 1
         self.hyper = ParamLayout([("log_l2", (n,))])
         train = self.data.train
         self.train_loss = make_train_loss(self.model, train.inputs, train.targets,
@@ -96,8 +97,15 @@ class L2Problem(MnistProblem):
             # The one strength, given to every group of the "group" mode.
             log_l2 = h[0] * anp.ones(self.layout.n_groups)
         else:
-            log_l2 = h
+            log_l2 = self.penalties(h)
         return sgd(self.train_loss, self.x0, self.alphas, self.betas, {"log_l2": log_l2})
+
+
+    def penalties(self, h):
+        """Per-parameter log L2 strengths (7,850) of ``per_weight`` hyperparameters: the
+        weights' own, then the bias block's one value for each bias (differentiable)."""
+        n = self._n_weights
+        return anp.concatenate([h[:n], h[n] * anp.ones(self.layout.size - n)])
 
 
 def plot_penalties(path, log_l2_weights, shared_log_l2):
@@ -158,7 +166,7 @@ def run_l2_per_weight(config: L2Config, out_dir, *, resume: bool = False,
         records[variant] = records_json(results[variant])
     log_l2 = results["per_weight"].params
     shared_log_l2 = float(results["shared"].params[0])
-    weights = per_weight.layout.unflatten(log_l2)
+    weights = per_weight.layout.unflatten(per_weight.penalties(log_l2))
     summary = {}
     for split in ("valid", "test"):
         for what in ("error", "loss"):
@@ -200,8 +208,8 @@ def add_parser(sub):
         NAME, help="meta-learn one L2 penalty per weight of logistic regression (MNIST)",
         description=(
             "Meta-optimise, with Adam on exact hypergradients of the validation loss, "
-            "one log L2 penalty per parameter of multinomial logistic regression (7,850: "
-            "every weight and bias), and, for comparison, one shared L2 strength tuned "
+            "one log L2 penalty per weight of multinomial logistic regression (7,840) plus "
+            "one for the bias block, and, for comparison, one shared L2 strength tuned "
             "the same way. Writes results.json, PNG plots and two checkpoints (updated "
             "every meta-iteration) into --out."))
     add_common_arguments(p, NAME, d, QUICK, "20 s on 2 cores")
