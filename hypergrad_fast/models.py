@@ -11,8 +11,7 @@ per-parameter arrays with ``layout.expand``.
 
 from __future__ import annotations
 
-import numbers
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import autograd.numpy as anp
 import numpy as np

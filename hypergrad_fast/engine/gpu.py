@@ -14,7 +14,7 @@ in the environment before numba is first imported) runs it on the CPU, slowly.
 
 import numpy as np
 
-from ._arith import BETA_DENOM, FIXED_LIMIT_BITS, STATE_INIT, STATE_LOW_BITS, WORD_BITS
+from ._arith import BETA_DENOM, FIXED_LIMIT_BITS, STATE_INIT, WORD_BITS
 from .cpu import (
     EngineState,
     Prepared,

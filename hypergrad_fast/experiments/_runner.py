@@ -47,6 +47,8 @@ PROG = "hypergrad-fast"
 RESULTS_VERSION = 1
 EMBEDDED_SOURCE = "embedded 5k subset"
 SPLITS = ("train", "valid", "test")
+#: MNIST: pixels per image, classes, image side.
+N_PIXELS, N_CLASSES, SIDE = 784, 10, 28
 
 
 # --------------------------------------------------------------------------
@@ -281,6 +283,28 @@ def meta_optimize(problem: MnistProblem, config: BaseConfig, checkpoint, *, resu
 def records_json(result: MetaResult) -> dict:
     """The per-meta-iteration records of ``result`` as lists."""
     return {k: v.tolist() for k, v in result.records.items()}
+
+
+class MlpSizes:
+    """For settings with a ``hidden`` field (widths): the network's layer sizes, also
+    written by ``to_json``.  Put before :class:`BaseConfig` in the bases."""
+
+    @property
+    def layer_sizes(self) -> tuple:
+        return (N_PIXELS, *self.hidden, N_CLASSES)
+
+    def to_json(self) -> dict:
+        """All settings as a JSON-able dict, with ``layer_sizes``."""
+        return {**super().to_json(), "layer_sizes": list(self.layer_sizes)}
+
+
+def run_facts(meta_seconds, invocation_seconds, resumed_from, paths) -> dict:
+    """``runtime`` and ``files`` of results.json: wall times (s), where a resumed run
+    started, and the path of every output file."""
+    return {"runtime": {"meta_optimisation_s": meta_seconds,
+                        "this_invocation_s": invocation_seconds,
+                        "resumed_from_meta_iteration": resumed_from},
+            "files": {k: str(p) for k, p in paths.items()}}
 
 
 def write_results(path, *, experiment: str, command: str, config: BaseConfig,

@@ -17,18 +17,18 @@ import numpy as np
 from ..hypergrad import sgd
 from ..models import MLP, ParamLayout, make_train_loss
 from ._args import ConfigError, Experiment, positive_float, widths
-from ._runner import (BaseConfig, MnistProblem, add_common_arguments, command_line,
-                      meta_optimize, new_figure, plot_meta_curve, prepare_out, print_summary,
-                      records_json, save_figure, settings_from_args, write_results)
+from ._runner import (BaseConfig, MlpSizes, MnistProblem,
+                      add_common_arguments, command_line, meta_optimize, new_figure,
+                      plot_meta_curve, prepare_out, print_summary, records_json, run_facts,
+                      save_figure, settings_from_args, write_results)
 
 __all__ = ["InitScalesConfig", "InitScalesProblem", "QUICK", "run_init_scales"]
 
 NAME = "init-scales"
-N_PIXELS, N_CLASSES = 784, 10
 
 
 @dataclass(frozen=True)
-class InitScalesConfig(BaseConfig):
+class InitScalesConfig(MlpSizes, BaseConfig):
     """Settings of the init-scales experiment: :class:`~._runner.BaseConfig`'s and
 
     hidden: hidden layer widths (units), tanh units.
@@ -57,14 +57,6 @@ class InitScalesConfig(BaseConfig):
             raise ConfigError(f"momentum must lie in (0, 1), got {self.momentum}")
         if not np.isfinite(self.init_log_scale):
             raise ConfigError(f"init_log_scale must be finite, got {self.init_log_scale}")
-
-    @property
-    def layer_sizes(self) -> tuple:
-        return (N_PIXELS, *self.hidden, N_CLASSES)
-
-    def to_json(self) -> dict:
-        """All settings as a JSON-able dict, with ``layer_sizes``."""
-        return {**super().to_json(), "layer_sizes": list(self.layer_sizes)}
 
 
 #: The --quick settings: fewer meta-iterations on the full training run (measured at
@@ -183,10 +175,8 @@ def run_init_scales(config: InitScalesConfig, out_dir, *, resume: bool = False,
         data_sha256=problem.data_stamp(), summary=summary, figures=figures,
         blocks={"names": names, "shapes": [list(s) for s in problem.layout.shapes]},
         meta_records=rec, meta_step_sizes=result.step_sizes.tolist(),
-        runtime={"meta_optimisation_s": float(rec["wall_time"][-1]),
-                 "this_invocation_s": time.perf_counter() - start,
-                 "resumed_from_meta_iteration": result.resumed_from},
-        files={k: str(p) for k, p in paths.items()})
+        **run_facts(float(rec["wall_time"][-1]), time.perf_counter() - start,
+                    result.resumed_from, paths))
 
 
 def add_parser(sub):

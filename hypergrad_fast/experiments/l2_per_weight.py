@@ -18,14 +18,14 @@ import numpy as np
 from ..hypergrad import sgd
 from ..models import LogisticRegression, ParamLayout, make_train_loss
 from ._args import ConfigError, Experiment, positive_float
-from ._runner import (BaseConfig, MnistProblem, add_common_arguments, command_line,
-                      meta_optimize, new_figure, plot_meta_curve, prepare_out, print_summary,
-                      records_json, save_figure, settings_from_args, write_results)
+from ._runner import (N_CLASSES, N_PIXELS, SIDE, BaseConfig, MnistProblem,
+                      add_common_arguments, command_line, meta_optimize, new_figure,
+                      plot_meta_curve, prepare_out, print_summary, records_json, run_facts,
+                      save_figure, settings_from_args, write_results)
 
 __all__ = ["L2Config", "L2Problem", "QUICK", "run_l2_per_weight"]
 
 NAME = "l2-per-weight"
-N_PIXELS, N_CLASSES, SIDE = 784, 10, 28
 #: The two meta-optimisations: one penalty per parameter, one for all.
 VARIANTS = ("per_weight", "shared")
 
@@ -194,11 +194,9 @@ def run_l2_per_weight(config: L2Config, out_dir, *, resume: bool = False,
         learned={"log_l2_per_weight": log_l2.tolist(), "log_l2_shared": shared_log_l2},
         meta_records=records,
         meta_step_sizes={v: results[v].step_sizes.tolist() for v in VARIANTS},
-        runtime={"meta_optimisation_s": sum(r["wall_time"][-1] for r in records.values()),
-                 "this_invocation_s": time.perf_counter() - start,
-                 "resumed_from_meta_iteration": {v: results[v].resumed_from
-                                                 for v in VARIANTS}},
-        files={k: str(p) for k, p in paths.items()})
+        **run_facts(sum(r["wall_time"][-1] for r in records.values()),
+                    time.perf_counter() - start,
+                    {v: results[v].resumed_from for v in VARIANTS}, paths))
 
 
 def add_parser(sub):

@@ -18,18 +18,18 @@ import numpy as np
 from ..hypergrad import sgd
 from ..models import MLP, ParamLayout, make_train_loss
 from ._args import ConfigError, Experiment, int_at_least, positive_float, widths
-from ._runner import (BaseConfig, MnistProblem, add_common_arguments, command_line,
-                      meta_optimize, new_figure, plot_meta_curve, prepare_out, print_summary,
-                      records_json, save_figure, settings_from_args, write_results)
+from ._runner import (N_CLASSES, N_PIXELS, SIDE, BaseConfig, MlpSizes, MnistProblem,
+                      add_common_arguments, command_line, meta_optimize, new_figure,
+                      plot_meta_curve, prepare_out, print_summary, records_json, run_facts,
+                      save_figure, settings_from_args, write_results)
 
 __all__ = ["LearnedDataConfig", "LearnedDataProblem", "QUICK", "run_learned_data"]
 
 NAME = "learned-data"
-N_PIXELS, N_CLASSES, SIDE = 784, 10, 28
 
 
 @dataclass(frozen=True)
-class LearnedDataConfig(BaseConfig):
+class LearnedDataConfig(MlpSizes, BaseConfig):
     """Settings of the learned-data experiment: :class:`~._runner.BaseConfig`'s
     (``batch_size`` counts learned images per minibatch, at most 10; ``n_train`` is
     the pool the real images are drawn from) and
@@ -68,14 +68,6 @@ class LearnedDataConfig(BaseConfig):
             raise ConfigError(f"momentum must lie in (0, 1), got {self.momentum}")
         if self.n_draws < 1:
             raise ConfigError(f"n_draws must be >= 1, got {self.n_draws}")
-
-    @property
-    def layer_sizes(self) -> tuple:
-        return (N_PIXELS, *self.hidden, N_CLASSES)
-
-    def to_json(self) -> dict:
-        """All settings as a JSON-able dict, with ``layer_sizes``."""
-        return {**super().to_json(), "layer_sizes": list(self.layer_sizes)}
 
 
 #: The --quick settings (measured at about 12 s on a 2-core machine).
@@ -196,10 +188,8 @@ def run_learned_data(config: LearnedDataConfig, out_dir, *, resume: bool = False
         real_draws={"test_error": test_error_real.tolist(),
                     "test_loss": test_loss_real.tolist()},
         meta_records=rec, meta_step_sizes=result.step_sizes.tolist(),
-        runtime={"meta_optimisation_s": float(rec["wall_time"][-1]),
-                 "this_invocation_s": time.perf_counter() - start,
-                 "resumed_from_meta_iteration": result.resumed_from},
-        files={k: str(p) for k, p in paths.items()})
+        **run_facts(float(rec["wall_time"][-1]), time.perf_counter() - start,
+                    result.resumed_from, paths))
 
 
 def add_parser(sub):

@@ -20,17 +20,17 @@ import numpy as np
 from ..models import MLP, ParamLayout, make_train_loss
 from ..hypergrad import sgd
 from ._args import ConfigError, Experiment, widths
-from ._runner import (BaseConfig, MnistProblem, add_common_arguments, command_line,
-                      meta_optimize, new_figure, plot_meta_curve, prepare_out, print_summary,
-                      records_json, save_figure, settings_from_args, write_results)
+from ._runner import (BaseConfig, MlpSizes, MnistProblem,
+                      add_common_arguments, command_line, meta_optimize, new_figure,
+                      plot_meta_curve, prepare_out, print_summary, records_json, run_facts,
+                      save_figure, settings_from_args, write_results)
 
 __all__ = ["ConfigError", "SchedulesConfig", "SchedulesProblem", "QUICK", "run_schedules"]
 
-N_PIXELS, N_CLASSES = 784, 10
 
 
 @dataclass(frozen=True)
-class SchedulesConfig(BaseConfig):
+class SchedulesConfig(MlpSizes, BaseConfig):
     """Settings of the schedules experiment: :class:`~._runner.BaseConfig`'s and
 
     hidden: hidden layer widths (units); activation: "tanh" or "relu".
@@ -59,14 +59,6 @@ class SchedulesConfig(BaseConfig):
         for name in ("init_log_alpha", "init_log_scale"):
             if not np.isfinite(getattr(self, name)):
                 raise ConfigError(f"{name} must be finite, got {getattr(self, name)}")
-
-    @property
-    def layer_sizes(self) -> tuple:
-        return (N_PIXELS, *self.hidden, N_CLASSES)
-
-    def to_json(self) -> dict:
-        """All settings as a JSON-able dict, with ``layer_sizes``."""
-        return {**super().to_json(), "layer_sizes": list(self.layer_sizes)}
 
 
 #: The --quick settings: fewer meta-iterations, the full training run (measured
@@ -334,10 +326,8 @@ def run_schedules(config: SchedulesConfig, out_dir, *, resume: bool = False,
         # Differ only where a diverged run was resumed with a smaller step size.
         meta_step_sizes=result.step_sizes.tolist(),
         learning_curves=curves,
-        runtime={"meta_optimisation_s": float(rec["wall_time"][-1]),
-                 "this_invocation_s": seconds,
-                 "resumed_from_meta_iteration": result.resumed_from},
-        files={k: str(p) for k, p in paths.items()})
+        **run_facts(float(rec["wall_time"][-1]), seconds,
+                    result.resumed_from, paths))
 
 
 # --------------------------------------------------------------------------

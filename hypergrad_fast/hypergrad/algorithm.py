@@ -1,20 +1,21 @@
 """Algorithms 1 and 2 of the paper, written once, for one training run or B of them.
 
-:func:`train_and_reverse` runs the forward pass (Algorithm 1) on an exact engine
-and then the reverse pass (Algorithm 2): it undoes every step bit for bit,
+:func:`forward` runs the forward pass (Algorithm 1) on an exact engine and
+:func:`reverse` the reverse pass (Algorithm 2): it undoes every step bit for bit,
 recomputes each gradient with the Hessian-vector product it needs, and
 accumulates the hypergradients.  :func:`~hypergrad_fast.sgd` (one run, any
 objective) and :func:`~hypergrad_fast.sweep` (B runs, on the CPU or a GPU) are
-both this function with a backend and a batched objective:
+both these two functions with a backend and a batched objective:
 
-* a *backend* holds the engine over (B, N) parameters, the schedules, and runs the
+* a *backend* holds the engine(s) of the (B, N) parameters, the schedules, and runs the
   reverse pass's element-wise steps: :class:`CpuBackend` here,
   :class:`~._cuda.CudaBackend` on a GPU.  The element-wise steps are the per-thread
   functions of :mod:`~hypergrad_fast.objectives._gpu_mlp`, compiled for both.
 * a *batched objective* gives the (B, N) gradients and Hessian-vector products and
   accumulates the meta cotangents: :class:`RowObjectives` runs an
-  :class:`~hypergrad_fast.objectives.Objective` row by row (in parallel threads
-  when it allows), :class:`~._cuda.KernelMLP` runs all rows in batched kernels.
+  :class:`~hypergrad_fast.objectives.Objective` row by row, the sweep's compiled
+  rows run together on all cores, :class:`~._cuda.KernelMLP` runs all rows in
+  batched kernels.
 
 Row b of a run depends on row b's inputs alone: the engine is element-wise, each
 row's objective calls are separate, and the group sums of one row add its own
@@ -24,8 +25,6 @@ as running it alone, whichever settings share its batch.
 Momentum convention: ``v <- beta v - (1 - beta) g;  x <- x + alpha v``, ``v0 = 0``.
 """
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -35,7 +34,7 @@ from ..engine import EngineState, ReversibleMomentum, effective_beta, informatio
 from ..engine.cpu import held_bits
 from ..objectives import _gpu_mlp
 
-__all__ = ["SgdRecovery", "Schedules", "CpuBackend", "RowObjectives", "train_and_reverse"]
+__all__ = ["SgdRecovery", "Schedules", "CpuBackend", "RowObjectives", "forward", "reverse"]
 
 
 class SgdRecovery(RuntimeError):
@@ -264,36 +263,18 @@ class CpuBackend:
 
 
 class RowObjectives:
-    """B runs of one :class:`~hypergrad_fast.objectives.Objective`, each with its own meta.
-
-    Rows are evaluated one after another, or on ``threads`` threads when the
-    objective is thread-safe; each row's result is the same either way.
-    ``want_meta`` accumulates ``d/dmeta`` of each row's Hessian-vector products.
+    """B runs of one :class:`~hypergrad_fast.objectives.Objective`, each with its own meta,
+    evaluated row after row; ``want_meta`` accumulates ``d/dmeta`` of each row's
+    Hessian-vector products.  (``sgd`` uses one row; the sweep's built-in objective
+    runs its rows together in compiled code instead.)
     """
 
-    def __init__(self, objective, metas, want_meta, threads=None):
+    def __init__(self, objective, metas, want_meta):
         self.objective, self.metas = objective, list(metas)
         self.d_metas = [objective.meta_zeros(m) for m in self.metas] if want_meta else None
-        runs = len(self.metas)
-        if threads is None:
-            threads = min(runs, os.cpu_count() or 1) if objective.thread_safe else 1
-        self._pool = ThreadPoolExecutor(threads) if threads > 1 and runs > 1 else None
-        self.threads = threads
-
-    def close(self):
-        if self._pool is not None:
-            self._pool.shutdown()
 
     def _rows(self, one):
-        runs = len(self.metas)
-        if self._pool is None:
-            return [one(b) for b in range(runs)]
-        # One task per thread, each a contiguous range of rows: a task per row would
-        # cost the pool's hand-over for every row.
-        n_tasks = self._pool._max_workers
-        ranges = np.array_split(np.arange(runs), n_tasks)
-        parts = self._pool.map(lambda rows: [one(b) for b in rows], ranges)
-        return [r for part in parts for r in part]
+        return [one(b) for b in range(len(self.metas))]
 
     def _where(self, b):
         return f" (setting {b})" if len(self.metas) > 1 else ""

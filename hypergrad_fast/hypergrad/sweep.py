@@ -397,11 +397,7 @@ def sweep(model, data, alphas, betas, log_init_scales=0.0, meta=None, *, batch_s
         fns = KernelMLP(be, model, train, valid, int(batch_size), int(seed), n_iter, meta)
     else:
         fns = _CompiledRows(model, train, valid, int(batch_size), int(seed), meta, runs)
-    try:
-        return _execute(be, fns, x0, progress=progress, inspect=_inspect)
-    finally:
-        if hasattr(fns, "close"):
-            fns.close()
+    return _execute(be, fns, x0, progress=progress, inspect=_inspect)
 
 
 def _pair(name, value):

@@ -27,10 +27,6 @@ class Objective:
     empty array), handed over unchanged.
     """
 
-    #: True when calls for different runs may go on in parallel threads (the calls
-    #: release the GIL and keep no shared scratch).
-    thread_safe = False
-
     def value_and_grad(self, x, meta, t):
         """``(L(x, meta, t), dL/dx)``: a float and an (N,) float64 array."""
         raise NotImplementedError

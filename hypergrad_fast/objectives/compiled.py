@@ -73,8 +73,6 @@ class CompiledMLPLoss(Objective):
     autograd_loss : the same loss written with autograd, for ``__call__``.
     """
 
-    thread_safe = True
-
     def __init__(self, model, inputs, targets, batch_size, seed, batches, l2, learn_inputs,
                  autograd_loss):
         self.model = model
