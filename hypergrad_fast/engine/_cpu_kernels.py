@@ -100,6 +100,17 @@ def _beta_at_overload(beta, i):
 
 
 @njit(cache=True)
+def to_float(fixed, inv_scale):
+    """A new float64 array ``fixed * inv_scale``: the value of each fixed-point number
+    (``inv_scale`` a power of two, so the product is the exact quotient, rounded once,
+    as NumPy's ``fixed / scale``)."""
+    out = np.empty(fixed.shape[0])
+    for i in range(fixed.shape[0]):
+        out[i] = np.float64(fixed[i]) * inv_scale
+    return out
+
+
+@njit(cache=True)
 def beta_table(beta_n):
     """Per-parameter beta constants, (n, 1 - beta, q, r, 1/q, 1/(q+1), 1/n) arrays.
 
@@ -297,7 +308,7 @@ def _undecay(v, state, height, words, g, beta_n, scale, status, chunk, first_fai
 
 
 #: Below this many parameters the serial kernels are used.
-PARALLEL_MIN_SIZE = 1 << 17
+PARALLEL_MIN_SIZE = 1 << 15
 #: "serial" or "parallel" to run that build at every size (tests, benchmarks);
 #: None to choose by size and timings.
 FORCE_BUILD = None

@@ -17,121 +17,28 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _cpu_kernels as k
-from ._arith import (
-    BETA_DENOM,
-    BETA_MIN_NUMER,
-    FIXED_LIMIT_BITS,
-    STATE_INIT,
-    STATE_LOW_BITS,
-    WORD_BITS,
+from ._arith import BETA_DENOM, STATE_INIT, STATE_LOW_BITS, WORD_BITS
+from ._wrapper import (  # noqa: F401  (the names this module has always offered)
+    EngineState,
+    ExactEngine,
+    StepOrder,
+    beta_numerator,
+    buffer_error,
+    check_coefficients,
+    check_decays,
+    check_frac_bits,
+    check_iterations,
+    effective_beta,
+    held_bits,
+    information_bound,
+    overflow_error,
+    stack_contents,
+    stack_rows,
+    value_error,
 )
 
 #: Parameters per kernel chunk: the granularity of error reporting and rollback.
 CHUNK = 1 << 14
-
-
-def beta_numerator(beta):
-    """The integer ``n`` with ``beta ~= n / 2**16`` that the engine uses.
-
-    ``beta`` is a scalar or an array in (0, 1]; values below ``2 / 2**16`` are held
-    as ``2 / 2**16`` (the coder needs ``n >= 2``).  Inputs are not validated here.
-    """
-    n = np.rint(np.asarray(beta, dtype=np.float64) * BETA_DENOM).astype(np.int64)
-    return np.clip(n, BETA_MIN_NUMER, BETA_DENOM)
-
-
-def effective_beta(beta):
-    """The decay actually applied for ``beta``: ``beta_numerator(beta) / 2**16``."""
-    return beta_numerator(beta) / BETA_DENOM
-
-
-def information_bound(beta):
-    """Entropy bound in bits per parameter per iteration: ``log2(2**16 / n)``."""
-    return np.log2(BETA_DENOM / beta_numerator(beta))
-
-
-def held_bits(coder, height):
-    """Bits held by information buffers with these coder states and stack heights.
-
-    A stack of h words and a coder state s in [2**48, 2**64) hold 16 h + log2(s) - 48
-    bits; summed over every element (in the order of the flattened arrays).
-    """
-    held = np.log2(np.asarray(coder).astype(np.float64)) - STATE_LOW_BITS
-    return float(WORD_BITS * np.asarray(height).astype(np.float64).sum() + held.sum())
-
-
-def stack_contents(words, height):
-    """The word stacks as :class:`EngineState` reports them, from a host copy of the rows.
-
-    ``words`` is a (rows, columns) copy of the lowest rows of the word array and
-    ``height`` the columns' stack heights; ``words[h, i]`` is kept for ``h < height[i]``
-    and set to 0 above (in place).  Returns ``words``.
-    """
-    # A pop, and the rollback of a refused push, leave the word in memory above the
-    # new top: free space, which must not show in the state.  Rows below the lowest
-    # stack are all live.
-    for h in range(max(int(height.min()), 0), words.shape[0]):
-        words[h, height <= h] = 0
-    return words
-
-
-def check_frac_bits(frac_bits):
-    """``frac_bits`` as an int in [0, 60]; ValueError for anything else (bools included)."""
-    if (isinstance(frac_bits, (bool, np.bool_)) or not isinstance(frac_bits, (int, np.integer))
-            or not 0 <= frac_bits <= 60):
-        raise ValueError(f"frac_bits must be an integer in [0, 60], got {frac_bits!r}")
-    return int(frac_bits)
-
-
-def check_iterations(iterations):
-    """``iterations`` as an int >= 0; ValueError for anything else (bools included)."""
-    if (isinstance(iterations, (bool, np.bool_))
-            or not isinstance(iterations, (int, np.integer)) or iterations < 0):
-        raise ValueError(f"iterations must be an integer >= 0, got {iterations!r}")
-    return int(iterations)
-
-
-def check_decays(beta):
-    """``beta`` (any shape) as float64, every value a decay in (0, 1].
-
-    Raises ValueError naming the first value that is not (NaN and infinities
-    included), TypeError for a non-real dtype.
-    """
-    arr = np.asarray(beta)
-    if arr.dtype.kind not in "fiub":
-        raise TypeError(f"beta must be real, got dtype {arr.dtype}")
-    a = arr.astype(np.float64, copy=False)  # a broadcast (T, B, N) view stays a view
-    bad = ~((a > 0.0) & (a <= 1.0))  # NaN fails both comparisons
-    if bad.any():
-        index = np.unravel_index(int(np.argmax(bad)), a.shape)
-        where = "beta" + (f"[{', '.join(str(int(i)) for i in index)}]" if index else "")
-        value = a[index]
-        problem = "is outside (0, 1]" if np.isfinite(value) else "is not finite"
-        raise ValueError(f"{where} = {value} {problem}")
-    return a
-
-
-class EngineState(NamedTuple):
-    """The whole state of a :class:`ReversibleMomentum` engine.
-
-    x, v:     int64 fixed-point position and velocity, shape (N,)
-    coder:    uint64 coder state per parameter, in [2**48, 2**64)
-    height:   int32 number of 16-bit words each parameter has on its stack
-              (negative after borrowing from an empty stack)
-    words:    uint16 word stacks, shape (rows, N) with rows the highest stack (0 if
-              none is above 0): words[h, i] is word h of parameter i for
-              h < height[i], and 0 for h >= height[i]
-
-    Two engines hold the same numbers exactly when every field is equal
-    (``np.array_equal``): the memory above a stack's top is free space, never
-    part of the state, so a refused call leaves the whole state as it was.
-    """
-
-    x: np.ndarray
-    v: np.ndarray
-    coder: np.ndarray
-    height: np.ndarray
-    words: np.ndarray
 
 
 class _PreparedFields(NamedTuple):
@@ -175,49 +82,7 @@ def _first(first_fail):
     return int(bad.min()) if bad.size else -1
 
 
-class StepOrder:
-    """The order of forward and reverse half-steps, shared by the CPU and GPU engines.
-
-    A reverse step is ``unstep_position`` then ``unstep_velocity``; a forward step may
-    not start in between, and no more steps can be undone than were taken.  The
-    engine methods call ``_before_*`` first and ``_after_*`` once they succeeded.
-    """
-
-    _iterations = 0
-    _position_undone = False
-
-    @property
-    def iterations(self):
-        """Forward steps taken minus steps undone."""
-        return self._iterations
-
-    def _before_step(self):
-        if self._position_undone:
-            raise RuntimeError("unstep_position was called without its unstep_velocity; "
-                               "finish the reverse step first")
-
-    def _after_step(self):
-        self._iterations += 1
-
-    def _before_unstep_position(self):
-        if self._position_undone:
-            raise RuntimeError("unstep_position called twice; call unstep_velocity first")
-        if self._iterations <= 0:
-            raise ValueError("no step left to undo: the engine is back at its first state")
-
-    def _after_unstep_position(self):
-        self._position_undone = True
-
-    def _before_unstep_velocity(self):
-        if not self._position_undone:
-            raise RuntimeError("unstep_velocity must follow unstep_position")
-
-    def _after_unstep_velocity(self):
-        self._position_undone = False
-        self._iterations -= 1
-
-
-class ReversibleMomentum(StepOrder):
+class ReversibleMomentum(ExactEngine):
     """SGD with momentum that can be run backwards exactly.
 
     Parameters
@@ -245,8 +110,11 @@ class ReversibleMomentum(StepOrder):
         v0 = np.zeros(n) if v0 is None else self._vector(v0, "v0", n)
         # Chunks start at multiples of 8 and the status array is padded to a multiple
         # of 8: the kernels scan status bytes eight at a time.
-        size = -(-n // -(-n // CHUNK))  # equal chunks of at most CHUNK
-        self._chunk = -(-size // 8) * 8
+        # Equal chunks of at most CHUNK, an even number of them when there are several:
+        # the parallel kernels hand whole chunks to the two cores.
+        n_chunks = -(-n // CHUNK)
+        n_chunks += n_chunks % 2 if n_chunks > 1 else 0
+        self._chunk = -(-(-(-n // n_chunks)) // 8) * 8
         n_chunks = -(-n // self._chunk)
         self._first_fail = np.empty(n_chunks, dtype=np.int64)
         self._status = np.zeros(-(-n // 8) * 8, dtype=np.uint8)  # all zero between calls
@@ -267,12 +135,12 @@ class ReversibleMomentum(StepOrder):
     @property
     def x(self):
         """Current position as a float64 copy."""
-        return self._x / self._scale
+        return k.to_float(self._x, 1.0 / self._scale)
 
     @property
     def v(self):
         """Current velocity as a float64 copy."""
-        return self._v / self._scale
+        return k.to_float(self._v, 1.0 / self._scale)
 
     @property
     def aux_bits(self):
@@ -330,11 +198,7 @@ class ReversibleMomentum(StepOrder):
         # The fullest stack decides: stacks fill at different rates with per-parameter betas.
         held = WORD_BITS * self._height + np.log2(self._coder.astype(np.float64)) \
             - STATE_LOW_BITS
-        # A stack of h words and a state holding s in [0, 16) bits hold 16 h + s bits, so
-        # the height reached is floor(bits / 16); one bit of slack covers the coder's
-        # small per-parameter deviations from the bound.
-        rows = int(np.floor((held.max() + np.max(per_param) + 1.0) / WORD_BITS))
-        self._grow(rows)
+        self._grow(stack_rows(held.max(), np.max(per_param)))
 
     def _grow(self, rows):
         """Make room for ``rows`` words per parameter, in place.
@@ -399,11 +263,7 @@ class ReversibleMomentum(StepOrder):
         return int(refused[0]) if refused.size else -1
 
     def _raise_value(self, name, index, value):
-        if not np.isfinite(value):
-            raise FloatingPointError(f"{name}[{index}] = {float(value)} is not finite")
-        raise OverflowError(
-            f"{name}[{index}] = {float(value)!r} leaves the fixed-point range: with frac_bits="
-            f"{self.frac_bits}, |x| and |v| must stay below 2**{FIXED_LIMIT_BITS - self.frac_bits}")
+        raise value_error(f"{name}[{index}]", value, self.frac_bits)
 
     def _coefficient(self, value, name, unit_interval=False):
         """A scalar or per-parameter float64 coefficient, validated (as a 1- or N-array)."""
@@ -417,18 +277,8 @@ class ReversibleMomentum(StepOrder):
         else:
             raise ValueError(f"{name} must be a scalar or have shape ({self.size},), "
                              f"got shape {arr.shape}")
-        finite = np.isfinite(a)
-        if not finite.all():
-            i = int(np.argmin(finite))
-            where = f"{name}[{i}]" if np.ndim(value) else name
-            raise FloatingPointError(f"{where} = {a[i]} is not finite")
-        if unit_interval:
-            inside = (a > 0.0) & (a <= 1.0)
-            if not inside.all():
-                i = int(np.argmin(inside))
-                where = f"{name}[{i}]" if np.ndim(value) else name
-                raise ValueError(f"{where} = {a[i]} is outside (0, 1]")
-        return a
+        return check_coefficients(a, lambda i: f"{name}[{i}]" if arr.ndim else name,
+                                  unit_interval)
 
     def prepare_alpha(self, alpha):
         """Validate ``alpha`` (scalar or (N,)) once; pass the result as ``alpha`` to the steps."""
@@ -488,81 +338,44 @@ class ReversibleMomentum(StepOrder):
     def _gradient(self, g):
         return self._vector(g, "g", self.size)
 
-    def _kernel_failed(self, i, g, alpha, beta_n, stage):
+    def _kernel_failed(self, i, g, alpha, beta, stage):
         """Turn a refused element into an exception naming it (after the rollback)."""
         corrupt = self._status[i] == k.CORRUPT
         self._status.fill(0)
         if corrupt:
-            raise RuntimeError(
-                f"{stage} refused: the information buffer of parameter {i} was overdrawn "
-                "(reverse steps popped more than forward steps pushed, e.g. undoing a step "
-                "with another beta or gradient than it was taken with), so this step "
-                "cannot be stored exactly")
+            raise buffer_error(stage, f"parameter {i}")
         if g is not None and not np.isfinite(g[i]):
             raise FloatingPointError(f"g[{i}] = {float(g[i])} is not finite")
         a = None if alpha is None else (alpha[i] if np.ndim(alpha) else alpha)
-        b = None if beta_n is None else (beta_n[i] if np.ndim(beta_n) else beta_n) / BETA_DENOM
-        raise OverflowError(
-            f"{stage} overflows the fixed-point range at parameter {i} "
-            f"(x={float(self._x[i] / self._scale)!r}, v={float(self._v[i] / self._scale)!r}"
-            + ("" if g is None else f", g={float(g[i])!r}")
-            + ("" if a is None else f", alpha={float(a)!r}")
-            + ("" if b is None else f", beta={float(b)!r}")
-            + f"); with frac_bits={self.frac_bits}, |x| and |v| must stay below "
-              f"2**{FIXED_LIMIT_BITS - self.frac_bits}")
+        b = None
+        if beta is not None:
+            n = beta[0]
+            b = (n[i] if np.ndim(n) else n) / BETA_DENOM
+        raise overflow_error(stage, f"parameter {i}", self.frac_bits, self._x[i] / self._scale,
+                             self._v[i] / self._scale, None if g is None else g[i], a, b)
 
-    # ----------------------------------------------------------------- the steps
-    def step(self, g, alpha, beta):
-        """One forward step: ``v <- beta v - (1-beta) g``, then ``x <- x + alpha v``.
-
-        ``alpha`` and ``beta`` are scalars or per-parameter arrays; ``beta`` in (0, 1]
-        is used as :func:`effective_beta` of itself.  Either may be a :class:`Prepared`
-        value from :meth:`prepare_alpha` / :meth:`prepare_beta`, as in every step method.
-        """
-        self._before_step()
-        g = self._gradient(g)
-        alpha = self._alpha_arg(alpha)
-        beta_n, beta_k = self._beta_arg(beta)
+    # ----------------------------------------------------------------- the kernels
+    # (the step methods, with their rollback, are ExactEngine's)
+    def _run_step(self, g, alpha, beta):
         self._forward(k.step, self._x, self._v, self._coder, self._height, self._words, g,
-                      alpha, beta_k, self._scale, self._status, self._scratch, self._chunk,
+                      alpha, beta[1], self._scale, self._status, self._scratch, self._chunk,
                       self._first_fail)
-        bad = self._refused()
-        if bad >= 0:  # undo the elements that were updated; the status marks the others
-            k.position(self._x, self._v, alpha, -1, self._status, self._chunk,
-                       self._first_fail)
-            k.undecay(self._v, self._coder, self._height, self._words, g, beta_k, self._scale,
-                      self._status, self._chunk, self._first_fail)
-            self._kernel_failed(bad, g, alpha, beta_n, "step")
-        self._after_step()
+        return self._refused()
 
-    def unstep_position(self, alpha):
-        """Undo the position half of the last step: ``x <- x - alpha v`` (exact)."""
-        self._before_unstep_position()
-        alpha = self._alpha_arg(alpha)
-        k.position(self._x, self._v, alpha, -1, self._status, self._chunk, self._first_fail)
-        bad = _first(self._first_fail)
-        if bad >= 0:
-            k.position(self._x, self._v, alpha, 1, self._status, self._chunk, self._first_fail)
-            self._kernel_failed(bad, None, alpha, None, "unstep_position")
-        self._after_unstep_position()
+    def _run_position(self, alpha, sign, rollback):
+        # On a rollback the status bytes mark the elements to leave alone.
+        k.position(self._x, self._v, alpha, sign, self._status, self._chunk, self._first_fail)
+        return _first(self._first_fail)
 
-    def unstep_velocity(self, g, beta):
-        """Undo the velocity half of the last step: ``v <- (v + (1-beta) g) / beta``.
-
-        ``g`` and ``beta`` must be those of the forward step being undone; the
-        digits it stored are popped from the buffer.
-        """
-        self._before_unstep_velocity()
-        g = self._gradient(g)
-        beta_n, beta_k = self._beta_arg(beta)
-        k.undecay(self._v, self._coder, self._height, self._words, g, beta_k, self._scale,
+    def _run_undecay(self, g, beta, rollback):
+        k.undecay(self._v, self._coder, self._height, self._words, g, beta[1], self._scale,
                   self._status, self._chunk, self._first_fail)
-        bad = _first(self._first_fail)
-        if bad >= 0:
-            k.decay(self._v, self._coder, self._height, self._words, g, beta_k, self._scale,
-                    self._status, self._scratch, self._chunk, self._first_fail)
-            self._kernel_failed(bad, g, None, beta_n, "unstep_velocity")
-        self._after_unstep_velocity()
+        return _first(self._first_fail)
+
+    def _run_decay(self, g, beta, rollback):
+        k.decay(self._v, self._coder, self._height, self._words, g, beta[1], self._scale,
+                self._status, self._scratch, self._chunk, self._first_fail)
+        return _first(self._first_fail)
 
     def __repr__(self):
         return (f"ReversibleMomentum(N={self.size}, frac_bits={self.frac_bits}, "

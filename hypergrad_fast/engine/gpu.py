@@ -14,19 +14,24 @@ in the environment before numba is first imported) runs it on the CPU, slowly.
 
 import numpy as np
 
-from ._arith import BETA_DENOM, FIXED_LIMIT_BITS, STATE_INIT, WORD_BITS
-from .cpu import (
+from ._arith import BETA_DENOM, STATE_INIT, WORD_BITS
+from ._wrapper import (
     EngineState,
-    Prepared,
-    StepOrder,
+    ExactEngine,
     beta_numerator,
+    buffer_error,
+    check_coefficients,
     check_decays,
     check_frac_bits,
     check_iterations,
     held_bits,
     information_bound,
+    overflow_error,
     stack_contents,
+    stack_rows,
+    value_error,
 )
+from .cpu import Prepared
 
 try:  # numba-cuda imports without a driver; this only guards a broken install
     from numba import cuda
@@ -106,7 +111,7 @@ class _Coefficients:
         return buf, self._dtype.type(0), mode
 
 
-class BatchedReversibleMomentum(StepOrder):
+class BatchedReversibleMomentum(ExactEngine):
     """B runs of SGD with momentum, on the GPU, each of which can be run backwards exactly.
 
     Momentum convention, per run b (the paper's Algorithm 1)::
@@ -278,8 +283,9 @@ class BatchedReversibleMomentum(StepOrder):
                 f"beta must be a scalar or have shape ({runs},), ({runs}, {n}), "
                 f"({iterations},), ({iterations}, {runs}) or ({iterations}, {runs}, {n}), "
                 f"got shape {bits.shape}")
-        rows = self._top_height + int(np.ceil(np.max(new_bits) / WORD_BITS)) + 2
-        self._grow(rows)
+        # The stacks' heights are bounded by the highest reached (no device reduction of
+        # the coders): at most 16 (top + 1) bits held.
+        self._grow(stack_rows(WORD_BITS * (self._top_height + 1), np.max(new_bits)))
 
     def _grow(self, rows):
         """Make room for ``rows`` words per element.
@@ -351,12 +357,7 @@ class BatchedReversibleMomentum(StepOrder):
         return f"{name}[{b}, {i}]"
 
     def _raise_value(self, name, j, value):
-        if not np.isfinite(value):
-            raise FloatingPointError(f"{self._where(name, j)} = {value} is not finite")
-        raise OverflowError(
-            f"{self._where(name, j)} = {value!r} leaves the fixed-point range: with "
-            f"frac_bits={self.frac_bits}, |x| and |v| must stay below "
-            f"2**{FIXED_LIMIT_BITS - self.frac_bits}")
+        raise value_error(self._where(name, j), value, self.frac_bits)
 
     def _coefficient(self, value, name, unit_interval=False):
         """Validate a coefficient: returns (mode, flat float64 values)."""
@@ -382,22 +383,13 @@ class BatchedReversibleMomentum(StepOrder):
                 return self._where(name, i)
             return f"{name}[{i}]" if mode == self._k.PER_RUN else name
 
-        finite = np.isfinite(a)
-        if not finite.all():
-            i = int(np.argmin(finite))
-            raise FloatingPointError(f"{where(i)} = {a[i]} is not finite")
-        if unit_interval:
-            inside = (a > 0.0) & (a <= 1.0)
-            if not inside.all():
-                i = int(np.argmin(inside))
-                raise ValueError(f"{where(i)} = {a[i]} is outside (0, 1]")
-        return mode, a
+        return mode, check_coefficients(a, where, unit_interval)
 
-    def _alpha_args(self, alpha):
+    def _alpha_arg(self, alpha):
         mode, a = self._coefficient(alpha, "alpha")
         return self._alpha.args(mode, a)
 
-    def _beta_args(self, beta):
+    def _beta_arg(self, beta):
         mode, b = self._coefficient(beta, "beta", unit_interval=True)
         return self._beta.args(mode, beta_numerator(b))
 
@@ -467,15 +459,9 @@ class BatchedReversibleMomentum(StepOrder):
         corrupt = self._element(self._status, j) == self._k.CORRUPT
         self._clear_failure()
         b, i = divmod(j, self._shape[1])
+        location = f"run {b}, parameter {i}"
         if corrupt:
-            height = int(self._element(self._height, j))
-            if height < 0:
-                raise RuntimeError(
-                    f"the information buffer of run {b}, parameter {i} is overdrawn (height "
-                    f"{height}): earlier reverse steps were given other inputs than their "
-                    "forward steps, and this step's digits cannot be stored")
-            raise RuntimeError(f"internal error: the information buffer of run {b}, "
-                               f"parameter {i} is corrupt or was not grown")
+            raise buffer_error(stage, location, int(self._element(self._height, j)) < 0)
         g_j = None if g is None else float(self._element(g, j))
         if g_j is not None and not np.isfinite(g_j):
             raise FloatingPointError(f"g[{b}, {i}] = {g_j} is not finite")
@@ -486,63 +472,32 @@ class BatchedReversibleMomentum(StepOrder):
                 return value.item()
             return self._element(arr, j if mode == self._k.PER_ELEMENT else b).item()
 
-        a = None if alpha_args is None else coef(alpha_args)
-        beta = None if beta_args is None else coef(beta_args) / BETA_DENOM
-        x = self._element(self._x, j) / self._scale
-        v = self._element(self._v, j) / self._scale
-        raise OverflowError(
-            f"{stage} overflows the fixed-point range at run {b}, parameter {i} "
-            f"(x={x!r}, v={v!r}"
-            + ("" if g_j is None else f", g={g_j!r}")
-            + ("" if a is None else f", alpha={a!r}")
-            + ("" if beta is None else f", beta={beta!r}")
-            + f"); with frac_bits={self.frac_bits}, |x| and |v| must stay below "
-              f"2**{FIXED_LIMIT_BITS - self.frac_bits}")
+        raise overflow_error(stage, location, self.frac_bits,
+                             self._element(self._x, j) / self._scale,
+                             self._element(self._v, j) / self._scale, g_j,
+                             None if alpha_args is None else coef(alpha_args),
+                             None if beta_args is None else coef(beta_args) / BETA_DENOM)
 
-    # ----------------------------------------------------------------- the steps
-    def step(self, g, alpha, beta):
-        """One forward step of every run: ``v <- beta v - (1-beta) g``; ``x <- x + alpha v``."""
-        self._before_step()
-        g = self._gradient(g)
-        alpha_args = self._alpha_args(alpha)
-        beta_args = self._beta_args(beta)
+    # ----------------------------------------------------------------- the kernels
+    # (the step methods, with their rollback, are ExactEngine's)
+    def _run_step(self, g, alpha_args, beta_args):
         self._ensure_room()
         self._forward(g, alpha_args, beta_args, False)
-        bad = self._read_flags()
-        if bad >= 0:  # undo the elements that were updated; the status marks the others
-            self._position(alpha_args, -1, True)
-            self._undecay(g, beta_args, True)
-            self._kernel_failed(bad, g, alpha_args, beta_args, "step")
-        self._after_step()
+        return self._read_flags()
 
-    def unstep_position(self, alpha):
-        """Undo the position half of the last step: ``x <- x - alpha v`` (exact)."""
-        self._before_unstep_position()
-        alpha_args = self._alpha_args(alpha)
-        self._position(alpha_args, -1, False)
-        bad = self._read_flags()
-        if bad >= 0:
-            self._position(alpha_args, 1, True)
-            self._kernel_failed(bad, None, alpha_args, None, "unstep_position")
-        self._after_unstep_position()
+    def _run_position(self, alpha_args, sign, rollback):
+        self._position(alpha_args, sign, rollback)
+        return -1 if rollback else self._read_flags()
 
-    def unstep_velocity(self, g, beta):
-        """Undo the velocity half of the last step: ``v <- (v + (1-beta) g) / beta``.
+    def _run_undecay(self, g, beta_args, rollback):
+        if not rollback:
+            self._ensure_room()  # for the decay that would undo a refused call
+        self._undecay(g, beta_args, rollback)
+        return -1 if rollback else self._read_flags()
 
-        ``g`` and ``beta`` must be those of the forward step being undone; the
-        digits it stored are popped from the buffers.
-        """
-        self._before_unstep_velocity()
-        g = self._gradient(g)
-        beta_args = self._beta_args(beta)
-        self._ensure_room()
-        self._undecay(g, beta_args, False)
-        bad = self._read_flags()
-        if bad >= 0:
-            self._forward(g, None, beta_args, True)
-            self._read_flags()
-            self._kernel_failed(bad, g, None, beta_args, "unstep_velocity")
-        self._after_unstep_velocity()
+    def _run_decay(self, g, beta_args, rollback):
+        self._forward(g, None, beta_args, rollback)
+        return self._read_flags()
 
     def __repr__(self):
         runs, n = self._shape

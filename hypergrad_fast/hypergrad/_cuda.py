@@ -14,6 +14,7 @@ import numpy as np
 from ..engine import BatchedReversibleMomentum
 from ..objectives import _gpu_mlp, minibatch
 from ..objectives.layout import group_bounds
+from .algorithm import BatchedObjective
 
 __all__ = ["CudaBackend", "KernelMLP"]
 
@@ -140,7 +141,7 @@ class CudaBackend:
         return self.engine.state
 
 
-class KernelMLP:
+class KernelMLP(BatchedObjective):
     """Batched training gradient, HVP and validation loss of a tanh MLP on a backend.
 
     The batched objective of :func:`~.algorithm.reverse`: ``grad(x, t)``,

@@ -25,6 +25,7 @@ as running it alone, whichever settings share its batch.
 Momentum convention: ``v <- beta v - (1 - beta) g;  x <- x + alpha v``, ``v0 = 0``.
 """
 
+import contextlib
 from typing import NamedTuple
 
 import numpy as np
@@ -34,7 +35,8 @@ from ..engine import EngineState, ReversibleMomentum, effective_beta, informatio
 from ..engine.cpu import held_bits
 from ..objectives import _gpu_mlp
 
-__all__ = ["SgdRecovery", "Schedules", "CpuBackend", "RowObjectives", "forward", "reverse"]
+__all__ = ["SgdRecovery", "Schedules", "CpuBackend", "BatchedObjective", "RowObjectives",
+           "forward", "reverse"]
 
 
 class SgdRecovery(RuntimeError):
@@ -262,7 +264,20 @@ class CpuBackend:
 
 
 
-class RowObjectives:
+class BatchedObjective:
+    """What :func:`forward` and :func:`reverse` call for B runs at once:
+
+    ``grad(x, t) -> g`` and ``grad_and_hvp(x, t, vec) -> (g, H vec)`` on (B, N)
+    backend arrays, row b for run b, accumulating meta cotangents on the side; and
+    :meth:`session`, held around each pass.
+    """
+
+    def session(self):
+        """A context manager held around a whole pass (default: nothing)."""
+        return contextlib.nullcontext()
+
+
+class RowObjectives(BatchedObjective):
     """B runs of one :class:`~hypergrad_fast.objectives.Objective`, each with its own meta,
     evaluated row after row; ``want_meta`` accumulates ``d/dmeta`` of each row's
     Hessian-vector products.  (``sgd`` uses one row; the sweep's built-in objective
@@ -272,6 +287,9 @@ class RowObjectives:
     def __init__(self, objective, metas, want_meta):
         self.objective, self.metas = objective, list(metas)
         self.d_metas = [objective.meta_zeros(m) for m in self.metas] if want_meta else None
+
+    def session(self):
+        return self.objective.session()
 
     def _rows(self, one):
         return [one(b) for b in range(len(self.metas))]
@@ -324,14 +342,15 @@ def forward(be, objective, progress=False, callback=None):
     """Algorithm 1: train every row for the schedules' T iterations on ``be``."""
     n_iter = be.sched.n_iter
     be.reserve()
-    for t in _progress(range(n_iter), progress, "forward", n_iter):
-        g = objective.grad(be.x(), t)
-        try:
-            be.step(g, t)
-        except (OverflowError, FloatingPointError) as err:
-            raise _at_iteration(err, t, "") from None
-        if callback is not None:
-            callback(t, be, g)
+    with objective.session():
+        for t in _progress(range(n_iter), progress, "forward", n_iter):
+            g = objective.grad(be.x(), t)
+            try:
+                be.step(g, t)
+            except (OverflowError, FloatingPointError) as err:
+                raise _at_iteration(err, t, "") from None
+            if callback is not None:
+                callback(t, be, g)
 
 
 class Reversed(NamedTuple):
@@ -355,21 +374,22 @@ def reverse(be, objective, d_x, x0_state, progress=False):
     d_v, vec = be.zeros((runs, n_params)), be.zeros((runs, n_params))
     d_alphas = be.zeros((runs, n_iter, n_groups))
     d_betas = be.zeros((runs, n_iter, n_groups))
-    for t in _progress(range(n_iter - 1, -1, -1), progress, "reverse", n_iter):
-        be.group_dot(d_x, be.v(), d_x, False, d_alphas, t)
-        try:
-            be.unstep_position(t)
-        except (OverflowError, FloatingPointError, RuntimeError) as err:
-            raise _at_iteration(err, t, "reverse pass, ") from None
-        be.velocity_cotangent(d_v, d_x, t)
-        be.hvp_direction(vec, d_v, t)
-        g, hx = objective.grad_and_hvp(be.x(), t, vec)
-        try:
-            be.unstep_velocity(g, t)
-        except (OverflowError, FloatingPointError, RuntimeError) as err:
-            raise _at_iteration(err, t, "reverse pass, ") from None
-        be.group_dot(d_v, be.v(), g, True, d_betas, t)
-        be.after_hvp(d_x, hx, d_v, t)
+    with objective.session():
+        for t in _progress(range(n_iter - 1, -1, -1), progress, "reverse", n_iter):
+            be.group_dot(d_x, be.v(), d_x, False, d_alphas, t)
+            try:
+                be.unstep_position(t)
+            except (OverflowError, FloatingPointError, RuntimeError) as err:
+                raise _at_iteration(err, t, "reverse pass, ") from None
+            be.velocity_cotangent(d_v, d_x, t)
+            be.hvp_direction(vec, d_v, t)
+            g, hx = objective.grad_and_hvp(be.x(), t, vec)
+            try:
+                be.unstep_velocity(g, t)
+            except (OverflowError, FloatingPointError, RuntimeError) as err:
+                raise _at_iteration(err, t, "reverse pass, ") from None
+            be.group_dot(d_v, be.v(), g, True, d_betas, t)
+            be.after_hvp(d_x, hx, d_v, t)
     end = be.state()
     if not (np.array_equal(end.x, x0_state) and not end.v.any()):
         raise SgdRecovery("the reverse pass did not recover x0 bit for bit; the loss (or "

@@ -33,7 +33,7 @@ from ..objectives import ParamLayout
 from ..objectives.layout import group_bounds
 from ._cuda import CudaBackend, KernelMLP
 from ._checks import check_decays, check_finite
-from .algorithm import CpuBackend, Schedules, forward, reverse
+from .algorithm import BatchedObjective, CpuBackend, Schedules, forward, reverse
 
 __all__ = ["sweep", "SweepResult"]
 
@@ -171,7 +171,7 @@ def _require_cuda():
                        "CUDA simulator.")
 
 
-class _CustomFunctions:
+class _CustomFunctions(BatchedObjective):
     """The caller's ``grad_fn``, ``hvp_fn``, ``valid_fn`` as a batched objective (outputs
     checked)."""
 
@@ -225,7 +225,7 @@ def _add(be, total, part):
     be.run("add_flat", total.size, be.flat(total), be.flat(part))
 
 
-class _CompiledRows:
+class _CompiledRows(BatchedObjective):
     """The built-in model on the CPU: its compiled objective, all rows in one call on all
     cores; row b equals a separate ``sgd`` run of the same objective with meta
     ``{"log_l2": log_l2[b]}``."""
@@ -238,6 +238,9 @@ class _CompiledRows:
         self._log_l2 = log_l2
         self.d_meta = None if log_l2 is None else np.zeros(log_l2.shape)
         self._valid_data = valid
+
+    def session(self):
+        return self.objective.session()
 
     def grad(self, x, t):
         values, g = self.objective.rows_value_and_grad(x, self._log_l2, t)

@@ -44,7 +44,9 @@ No fast-math anywhere.
 """
 
 import functools
+import inspect
 import math
+import types
 
 import numpy as np
 from numba import njit
@@ -55,7 +57,18 @@ try:  # numba-cuda imports without a driver; this only guards a broken install
 except Exception:  # pragma: no cover - depends on the installation
     cuda = None
 
-__all__ = ["gpu_kernels", "KERNEL_NAMES"]
+__all__ = ["gpu_kernels", "cpu_loops", "KERNEL_NAMES"]
+
+#: name -> per-thread function ``f(k, *args)``, in the order they are defined.
+_PER_THREAD = {}
+
+
+def _per_thread(func):
+    """Register ``func(k, *args)``, the work of thread k, as a kernel of this module: it is
+    compiled for both targets (``register_jitable``) and wrapped, under its name, as a
+    CPU loop and a CUDA kernel (:func:`cpu_loops`, :func:`gpu_kernels`)."""
+    _PER_THREAD[func.__name__] = register_jitable(func)
+    return func
 
 
 # ---------------------------------------------------------------------- helpers
@@ -97,7 +110,7 @@ def _locate(p, sizes, w_off, b_off):
 
 
 # ------------------------------------------------------------- per-thread functions
-@register_jitable
+@_per_thread
 def example_pass(k, x, inputs, targets, idx, t, n_examples, sizes, w_off, b_off, u_off, H, D,
                  losses):
     """Thread (b, m) = divmod(k, M): forward, cross-entropy and backward pass of one example.
@@ -142,7 +155,7 @@ def example_pass(k, x, inputs, targets, idx, t, n_examples, sizes, w_off, b_off,
             D[b, m, u_off[layer - 1] + i] = s * (1.0 - h * h)
 
 
-@register_jitable
+@_per_thread
 def param_grad(k, x, inputs, idx, t, n_examples, sizes, w_off, b_off, u_off, H, D, l2,
                groups, g):
     """Thread (b, p) = divmod(k, N): ``g[b, p]`` = mean over examples + L2 term."""
@@ -161,7 +174,7 @@ def param_grad(k, x, inputs, idx, t, n_examples, sizes, w_off, b_off, u_off, H, 
     g[b, p] = acc / n_examples + l2[b, groups[p]] * x[b, p]
 
 
-@register_jitable
+@_per_thread
 def example_r_pass(k, x, vec, inputs, targets, idx, t, n_examples, sizes, w_off, b_off, u_off,
                    H, D, RH, RD):
     """Thread (b, m): the R-operator along ``vec[b]`` of one example's forward and backward pass.
@@ -217,7 +230,7 @@ def example_r_pass(k, x, vec, inputs, targets, idx, t, n_examples, sizes, w_off,
             RD[b, m, u] = r_s * (1.0 - h * h) - 2.0 * h * RH[b, m, u] * s
 
 
-@register_jitable
+@_per_thread
 def param_hvp(k, x, vec, inputs, idx, t, n_examples, sizes, w_off, b_off, u_off, H, D, RH, RD,
               l2, groups, hx):
     """Thread (b, p): ``hx[b, p] = (H[b] vec[b])[p]``, the R of :func:`param_grad`."""
@@ -240,7 +253,7 @@ def param_hvp(k, x, vec, inputs, idx, t, n_examples, sizes, w_off, b_off, u_off,
     hx[b, p] = acc / n_examples + l2[b, groups[p]] * vec[b, p]
 
 
-@register_jitable
+@_per_thread
 def l2_meta(k, x, vec, l2, bounds, out):
     """Thread (b, group): ``out[b, group] = l2 * sum(x * vec)`` over the group.
 
@@ -255,7 +268,7 @@ def l2_meta(k, x, vec, l2, bounds, out):
     out[b, grp] = l2[b, grp] * acc
 
 
-@register_jitable
+@_per_thread
 def mean_rows(k, losses, n_examples, out):
     """Thread b: ``out[b] = mean(losses[b, :n_examples])`` (summed in order)."""
     acc = 0.0
@@ -264,7 +277,7 @@ def mean_rows(k, losses, n_examples, out):
     out[k] = acc / n_examples
 
 
-@register_jitable
+@_per_thread
 def group_dot(k, a, c, e, use_e, bounds, out, t):
     """Thread (b, group): ``out[b, t, group] = sum(a * (c + e))`` over the group (``a * c``
     without ``use_e``), summed in order."""
@@ -281,7 +294,7 @@ def group_dot(k, a, c, e, use_e, bounds, out, t):
     out[b, t, grp] = acc
 
 
-@register_jitable
+@_per_thread
 def velocity_cotangent(k, d_v, d_x, alphas, t, groups):
     """Thread (b, i): ``d_v += alpha * d_x`` with alpha = ``alphas[b, t, group(i)]``."""
     n_params = d_v.shape[1]
@@ -290,7 +303,7 @@ def velocity_cotangent(k, d_v, d_x, alphas, t, groups):
     d_v[b, i] += alphas[b, t, groups[i]] * d_x[b, i]
 
 
-@register_jitable
+@_per_thread
 def hvp_direction(k, vec, d_v, betas, t, groups):
     """Thread (b, i): ``vec = -(1 - beta) * d_v``, beta the effective decay of step t."""
     n_params = d_v.shape[1]
@@ -299,7 +312,7 @@ def hvp_direction(k, vec, d_v, betas, t, groups):
     vec[b, i] = -(1.0 - betas[b, t, groups[i]]) * d_v[b, i]
 
 
-@register_jitable
+@_per_thread
 def after_hvp(k, d_x, hx, d_v, betas, t, groups):
     """Thread (b, i): ``d_x += hx``; ``d_v *= beta``."""
     n_params = d_v.shape[1]
@@ -309,191 +322,67 @@ def after_hvp(k, d_x, hx, d_v, betas, t, groups):
     d_v[b, i] *= betas[b, t, groups[i]]
 
 
-@register_jitable
+@_per_thread
 def add_flat(k, dst, src):
     """Thread k: ``dst[k] += src[k]`` (1-D views)."""
     dst[k] += src[k]
 
 
-# --------------------------------------------------------------- CPU twins (njit)
-# ``name_cpu(n_threads, *args)`` runs thread k = 0 .. n_threads-1 of ``name`` in order.
-
-@njit(cache=True)
-def example_pass_cpu(n_threads, x, inputs, targets, idx, t, n_examples, sizes, w_off, b_off,
-                     u_off, H, D, losses):
+# ------------------------------------------------- the wrappers, generated
+# Each per-thread function is wrapped twice from one template: as a CPU loop over
+# the threads, ``name_cpu(n_threads, *args)``, and as a CUDA kernel with one thread
+# per index, ``name_gpu(n_threads, *args)``.  The wrappers spell out the function's
+# own parameters (CUDA kernels take no ``*args``), read from its signature.
+_TEMPLATES = {
+    "cpu": """
+def {name}_cpu(n_threads, {params}):
     for k in range(n_threads):
-        example_pass(k, x, inputs, targets, idx, t, n_examples, sizes, w_off, b_off, u_off, H,
-                     D, losses)
+        {name}(k, {params})
+""",
+    "gpu": """
+def {name}_gpu(n_threads, {params}):
+    k = np.int64(cuda.grid(1))
+    if k < n_threads:
+        {name}(k, {params})
+""",
+}
 
 
-@njit(cache=True)
-def param_grad_cpu(n_threads, x, inputs, idx, t, n_examples, sizes, w_off, b_off, u_off, H, D,
-                   l2, groups, g):
-    for k in range(n_threads):
-        param_grad(k, x, inputs, idx, t, n_examples, sizes, w_off, b_off, u_off, H, D, l2,
-                   groups, g)
+def _wrapper(target, name):
+    """The plain Python wrapper ``name_<target>`` of per-thread function ``name``.
+
+    It is defined in this module's globals (the simulator swaps the globals of
+    kernels, and numba's cache locates a function by its file), under a name of
+    its own, so that each wrapper has its own cache entry.
+    """
+    params = ", ".join(list(inspect.signature(_PER_THREAD[name]).parameters)[1:])
+    source = _TEMPLATES[target].format(name=name, params=params)
+    exec(compile(source, __file__, "exec"), globals())  # noqa: S102 - our own template
+    return globals()[f"{name}_{target}"]
 
 
-@njit(cache=True)
-def example_r_pass_cpu(n_threads, x, vec, inputs, targets, idx, t, n_examples, sizes, w_off,
-                       b_off, u_off, H, D, RH, RD):
-    for k in range(n_threads):
-        example_r_pass(k, x, vec, inputs, targets, idx, t, n_examples, sizes, w_off, b_off,
-                       u_off, H, D, RH, RD)
+#: Every per-thread function, by name; ``cpu_loops().name`` and ``gpu_kernels().name``
+#: run it.
+KERNEL_NAMES = tuple(_PER_THREAD)
 
 
-@njit(cache=True)
-def param_hvp_cpu(n_threads, x, vec, inputs, idx, t, n_examples, sizes, w_off, b_off, u_off, H,
-                  D, RH, RD, l2, groups, hx):
-    for k in range(n_threads):
-        param_hvp(k, x, vec, inputs, idx, t, n_examples, sizes, w_off, b_off, u_off, H, D, RH,
-                  RD, l2, groups, hx)
+@functools.lru_cache(maxsize=None)
+def cpu_loops():
+    """The CPU twins, as a namespace ``name -> loop(n_threads, *args)`` (``@njit``, cached
+    on disk), built on first use."""
+    return types.SimpleNamespace(**{name: njit(cache=True)(_wrapper("cpu", name))
+                                    for name in KERNEL_NAMES})
 
 
-@njit(cache=True)
-def l2_meta_cpu(n_threads, x, vec, l2, bounds, out):
-    for k in range(n_threads):
-        l2_meta(k, x, vec, l2, bounds, out)
-
-
-@njit(cache=True)
-def mean_rows_cpu(n_threads, losses, n_examples, out):
-    for k in range(n_threads):
-        mean_rows(k, losses, n_examples, out)
-
-
-@njit(cache=True)
-def group_dot_cpu(n_threads, a, c, e, use_e, bounds, out, t):
-    for k in range(n_threads):
-        group_dot(k, a, c, e, use_e, bounds, out, t)
-
-
-@njit(cache=True)
-def velocity_cotangent_cpu(n_threads, d_v, d_x, alphas, t, groups):
-    for k in range(n_threads):
-        velocity_cotangent(k, d_v, d_x, alphas, t, groups)
-
-
-@njit(cache=True)
-def hvp_direction_cpu(n_threads, vec, d_v, betas, t, groups):
-    for k in range(n_threads):
-        hvp_direction(k, vec, d_v, betas, t, groups)
-
-
-@njit(cache=True)
-def after_hvp_cpu(n_threads, d_x, hx, d_v, betas, t, groups):
-    for k in range(n_threads):
-        after_hvp(k, d_x, hx, d_v, betas, t, groups)
-
-
-@njit(cache=True)
-def add_flat_cpu(n_threads, dst, src):
-    for k in range(n_threads):
-        add_flat(k, dst, src)
-
-
-#: Every per-thread function, by name; ``name_cpu`` here and ``gpu_kernels().name`` run it.
-KERNEL_NAMES = ("example_pass", "param_grad", "example_r_pass", "param_hvp", "l2_meta",
-                "mean_rows", "group_dot", "velocity_cotangent", "hvp_direction", "after_hvp",
-                "add_flat")
-
-
-# ------------------------------------------------------------------- CUDA kernels
 @functools.lru_cache(maxsize=None)
 def gpu_kernels():
     """The CUDA kernels, as a namespace ``name -> kernel(n_threads, *args)``.
 
     Built on first use, so the CPU twins work even where ``numba.cuda`` cannot be
     imported.  Compilation happens at the first launch of each kernel.  Launch with
-    ``hypergrad_fast._gpu_kernels.launch(kernel, n_threads, n_threads, *args)``.
-    (``cuda`` must stay a module global: the simulator swaps the globals of kernels.)
+    ``hypergrad_fast.engine._gpu_kernels.launch(kernel, n_threads, n_threads, *args)``.
     """
-    import types
-
     if cuda is None:
         raise RuntimeError("numba.cuda cannot be imported")
-
-    @cuda.jit
-    def example_pass_gpu(n_threads, x, inputs, targets, idx, t, n_examples, sizes, w_off,
-                         b_off, u_off, H, D, losses):
-        k = np.int64(cuda.grid(1))
-        if k < n_threads:
-            example_pass(k, x, inputs, targets, idx, t, n_examples, sizes, w_off, b_off, u_off,
-                         H, D, losses)
-
-    @cuda.jit
-    def param_grad_gpu(n_threads, x, inputs, idx, t, n_examples, sizes, w_off, b_off, u_off,
-                       H, D, l2, groups, g):
-        k = np.int64(cuda.grid(1))
-        if k < n_threads:
-            param_grad(k, x, inputs, idx, t, n_examples, sizes, w_off, b_off, u_off, H, D, l2,
-                       groups, g)
-
-    @cuda.jit
-    def example_r_pass_gpu(n_threads, x, vec, inputs, targets, idx, t, n_examples, sizes,
-                           w_off, b_off, u_off, H, D, RH, RD):
-        k = np.int64(cuda.grid(1))
-        if k < n_threads:
-            example_r_pass(k, x, vec, inputs, targets, idx, t, n_examples, sizes, w_off, b_off,
-                           u_off, H, D, RH, RD)
-
-    @cuda.jit
-    def param_hvp_gpu(n_threads, x, vec, inputs, idx, t, n_examples, sizes, w_off, b_off,
-                      u_off, H, D, RH, RD, l2, groups, hx):
-        k = np.int64(cuda.grid(1))
-        if k < n_threads:
-            param_hvp(k, x, vec, inputs, idx, t, n_examples, sizes, w_off, b_off, u_off, H, D,
-                      RH, RD, l2, groups, hx)
-
-    @cuda.jit
-    def l2_meta_gpu(n_threads, x, vec, l2, bounds, out):
-        k = np.int64(cuda.grid(1))
-        if k < n_threads:
-            l2_meta(k, x, vec, l2, bounds, out)
-
-    @cuda.jit
-    def mean_rows_gpu(n_threads, losses, n_examples, out):
-        k = np.int64(cuda.grid(1))
-        if k < n_threads:
-            mean_rows(k, losses, n_examples, out)
-
-    @cuda.jit
-    def group_dot_gpu(n_threads, a, c, e, use_e, bounds, out, t):
-        k = np.int64(cuda.grid(1))
-        if k < n_threads:
-            group_dot(k, a, c, e, use_e, bounds, out, t)
-
-    @cuda.jit
-    def velocity_cotangent_gpu(n_threads, d_v, d_x, alphas, t, groups):
-        k = np.int64(cuda.grid(1))
-        if k < n_threads:
-            velocity_cotangent(k, d_v, d_x, alphas, t, groups)
-
-    @cuda.jit
-    def hvp_direction_gpu(n_threads, vec, d_v, betas, t, groups):
-        k = np.int64(cuda.grid(1))
-        if k < n_threads:
-            hvp_direction(k, vec, d_v, betas, t, groups)
-
-    @cuda.jit
-    def after_hvp_gpu(n_threads, d_x, hx, d_v, betas, t, groups):
-        k = np.int64(cuda.grid(1))
-        if k < n_threads:
-            after_hvp(k, d_x, hx, d_v, betas, t, groups)
-
-    @cuda.jit
-    def add_flat_gpu(n_threads, dst, src):
-        k = np.int64(cuda.grid(1))
-        if k < n_threads:
-            add_flat(k, dst, src)
-
-    found = locals()
-    return types.SimpleNamespace(**{name: found[name + "_gpu"] for name in KERNEL_NAMES})
-
-
-def cpu_loops():
-    """The CPU twins, as a namespace ``name -> loop(n_threads, *args)``."""
-    import types
-
-    found = globals()
-    return types.SimpleNamespace(**{name: found[name + "_cpu"] for name in KERNEL_NAMES})
+    return types.SimpleNamespace(**{name: cuda.jit(_wrapper("gpu", name))
+                                    for name in KERNEL_NAMES})

@@ -12,6 +12,8 @@ Both methods must be deterministic: the reverse pass recomputes each gradient
 and hands it to the engine, which undoes the step only with the same bits.
 """
 
+import contextlib
+
 import numpy as np
 from autograd import grad, make_vjp, value_and_grad
 from autograd.extend import vspace
@@ -43,6 +45,11 @@ class Objective:
     def meta_zeros(self, meta):
         """A zero cotangent shaped like ``meta``."""
         return vspace(meta).zeros()
+
+    def session(self):
+        """A context manager that the passes hold around all their calls (the compiled
+        objectives keep BLAS on one thread in it); by default it does nothing."""
+        return contextlib.nullcontext()
 
 
 class AutogradObjective(Objective):

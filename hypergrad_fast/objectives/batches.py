@@ -43,6 +43,10 @@ def minibatch(t: int, n_examples: int, batch_size: int, seed: int = 0) -> np.nda
     batch_size = check_int("batch_size", batch_size, 1)
     seed = check_int("seed", seed, 0)
     start = t * batch_size
+    first, last = start // n_examples, (start + batch_size - 1) // n_examples
+    if first == last:  # within one epoch: a slice of its permutation
+        at = start - first * n_examples
+        return _epoch_permutation(seed, first, n_examples)[at:at + batch_size].astype(np.int64)
     positions = np.arange(start, start + batch_size, dtype=np.int64)
     epochs = positions // n_examples
     out = np.empty(batch_size, dtype=np.int64)

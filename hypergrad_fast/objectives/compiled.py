@@ -13,7 +13,6 @@ Build it with :func:`hypergrad_fast.models.make_train_loss` (``backend="compiled
 the default), which validates the data.
 """
 
-import contextlib
 import threading
 
 import numpy as np
@@ -26,37 +25,57 @@ from .layout import block_offsets, group_bounds
 __all__ = ["CompiledMLPLoss"]
 
 _EMPTY = np.empty(0)
-_BLAS_LOCK = threading.Lock()
-_blas_libraries = None
 
 
-@contextlib.contextmanager
-def _one_blas_thread():
+class _OneBlasThread:
     """BLAS on one thread while the kernels run their parts (or runs) on all cores.
 
     The kernels split the work across cores themselves; BLAS threads on top of that
     oversubscribe the cores (measured here: 5-10x slower).  Results do not depend on
     the thread count.  The libraries' own setters are called directly: a
     ``threadpool_limits`` scan of the loaded libraries at every call costs more than
-    a small minibatch's gradient.
+    a small minibatch's gradient.  Re-entrant: the outermost ``with`` sets and
+    restores, so a whole pass holds one setting (switching BLAS back to its threads
+    between steps wakes threads that then compete with the kernels' own).
     """
-    global _blas_libraries
-    with _BLAS_LOCK:
-        if _blas_libraries is None:
-            from threadpoolctl import ThreadpoolController
 
-            _blas_libraries = [c for c in ThreadpoolController().lib_controllers
-                               if c.user_api == "blas"]
-        before = [lib.get_num_threads() for lib in _blas_libraries]
-        for lib in _blas_libraries:
-            lib.set_num_threads(1)
-    try:
-        yield
-    finally:
-        with _BLAS_LOCK:
-            for lib, n in zip(_blas_libraries, before):
-                lib.set_num_threads(n)
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._libraries = None
+        self._depth = 0
+        self._before = ()
+
+    def _scan(self):
+        # The kernels' np.dot calls SciPy's BLAS (``cython_blas``), a library of its own
+        # beside NumPy's: load it first, or the scan misses it.
+        import scipy.linalg.cython_blas  # noqa: F401
+        from threadpoolctl import ThreadpoolController
+
+        return [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
+
+    def __enter__(self):
+        with self._lock:
+            if self._depth == 0:
+                if self._libraries is None:
+                    self._libraries = self._scan()
+                self._before = [lib.get_num_threads() for lib in self._libraries]
+                for lib in self._libraries:
+                    lib.set_num_threads(1)
+            self._depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                for lib, n in zip(self._libraries, self._before):
+                    lib.set_num_threads(n)
+        return False
+
+
+_one_blas_thread = _OneBlasThread()
 _NO_BOUNDS = np.empty(0, dtype=np.int64)
+_ALL_COLUMNS = np.empty(0, dtype=np.int64)  # the kernels' "no compaction"
 
 
 class CompiledMLPLoss(Objective):
@@ -138,6 +157,10 @@ class CompiledMLPLoss(Objective):
         return self._strength
 
     # ------------------------------------------------------------------ the objective
+    def session(self):
+        """BLAS on one thread while it is held: the kernels use the cores themselves."""
+        return _one_blas_thread
+
     def _penalty(self, meta):
         return _EMPTY if self.l2 is None else self._strengths(meta)
 
@@ -145,7 +168,7 @@ class CompiledMLPLoss(Objective):
         x = np.ascontiguousarray(x, dtype=np.float64)
         source = self._source(x, meta)
         g = np.empty(self._size)
-        with _one_blas_thread():
+        with _one_blas_thread:
             value = kernels.batch_value_grad(x, source, self.targets, self.batch(t), self._sizes,
                                              self._w_off, self._b_off, self._relu,
                                              self._penalty(meta), g)
@@ -165,7 +188,7 @@ class CompiledMLPLoss(Objective):
             d_log_l2 = np.array(d_meta["log_l2"], dtype=np.float64)
             d_meta["log_l2"] = d_log_l2
         bounds = self._bounds if self.l2 == "group" else _NO_BOUNDS
-        with _one_blas_thread():
+        with _one_blas_thread:
             kernels.batch_grad_hvp(x, u, source, self.targets, idx, self._sizes, self._w_off,
                                    self._b_off, self._relu, want_inputs, self._penalty(meta),
                                    bounds, g, hu, d_inputs, d_log_l2)
@@ -181,7 +204,7 @@ class CompiledMLPLoss(Objective):
         ``log_l2[b]`` (or none when ``log_l2`` is None); row b has the bits of
         ``value_and_grad(x[b], {"log_l2": log_l2[b]}, t)``.  Runs on all cores."""
         g, values = np.empty(x.shape), np.empty(x.shape[0])
-        with _one_blas_thread():
+        with _one_blas_thread:
             kernels.value_grad_rows(x, self.inputs, self.targets, self.batch(t), self._sizes,
                                     self._w_off, self._b_off, self._relu, self._rows_l2(log_l2),
                                     g, values)
@@ -190,7 +213,7 @@ class CompiledMLPLoss(Objective):
     def rows_grad_and_hvp(self, x, log_l2, t, u, d_log_l2):
         """Rows of ``grad_and_hvp``; adds row b's ``d/dlog_l2`` to ``d_log_l2[b]`` (B, G)."""
         g, hu = np.empty(x.shape), np.empty(x.shape)
-        with _one_blas_thread():
+        with _one_blas_thread:
             kernels.grad_hvp_rows(x, u, self.inputs, self.targets, self.batch(t), self._sizes,
                                   self._w_off, self._b_off, self._relu, self._rows_l2(log_l2),
                                   self._bounds, g, hu,
@@ -222,5 +245,5 @@ class CompiledMLPLoss(Objective):
         g = np.empty(self._size)
         value = kernels.value_grad(np.ascontiguousarray(x, dtype=np.float64), inputs, targets,
                                    self._sizes, self._w_off, self._b_off, self._relu, g,
-                                   len(inputs))
+                                   len(inputs), _ALL_COLUMNS)
         return value, g
