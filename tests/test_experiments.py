@@ -60,7 +60,7 @@ def _without_times(value):
 
 def test_every_experiment_of_the_issue_is_registered():
     assert list(EXPERIMENTS) == ["schedules", "init-scales", "l2-per-weight", "learned-data",
-                                 "chaos", "all"]
+                                 "multitask", "chaos", "all"]
 
 
 @pytest.mark.parametrize("name", NAMES)

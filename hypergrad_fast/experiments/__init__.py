@@ -8,7 +8,8 @@ results.json with the gallery keys, figures, common flags) lives in :mod:`._runn
 ``schedules`` learned learning-rate schedules, momenta and init scales;
 ``init-scales`` learned initial scales vs 1/sqrt(fan-in); ``l2-per-weight`` one L2
 penalty per logistic-regression weight vs one shared; ``learned-data`` ten learned
-training images vs ten real ones; ``chaos`` validation loss and its hypergradient on
+training images vs ten real ones; ``multitask`` learned weight sharing across ten related tasks vs separate and tied
+networks; ``chaos`` validation loss and its hypergradient on
 a grid of learning rates, where the hypergradient turns rough near the best; ``all`` runs them all and writes an offline gallery.
 """
 
@@ -19,12 +20,13 @@ from .schedules import EXPERIMENT as _SCHEDULES
 from .init_scales import EXPERIMENT as _INIT_SCALES
 from .l2_per_weight import EXPERIMENT as _L2_PER_WEIGHT
 from .learned_data import EXPERIMENT as _LEARNED_DATA
+from .multitask import EXPERIMENT as _MULTITASK
 from .chaos import EXPERIMENT as _CHAOS
 from .gallery import EXPERIMENT as _ALL
 
 #: name -> :class:`Experiment`, one per subcommand.
 EXPERIMENTS = {e.name: e for e in (_SCHEDULES, _INIT_SCALES, _L2_PER_WEIGHT,
-                                   _LEARNED_DATA, _CHAOS, _ALL)}
+                                   _LEARNED_DATA, _MULTITASK, _CHAOS, _ALL)}
 
 __all__ = ["EXPERIMENTS", "Experiment", "ConfigError", "QUICK", "SchedulesConfig",
            "SchedulesProblem", "run_schedules"]
