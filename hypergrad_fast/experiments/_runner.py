@@ -38,7 +38,7 @@ from ..metaopt import (CheckpointError, MetaResult, atomic_write, load_checkpoin
 from ._args import (ConfigError, existing_folder, int_at_least, positive_float,
                     prepare_out_dir)
 
-__all__ = ["BaseConfig", "MnistProblem", "EMBEDDED_SOURCE", "PROG", "RESULTS_VERSION",
+__all__ = ["BaseConfig", "MnistProblem", "EMBEDDED_SOURCE", "PROG", "RESULTS_VERSION", "SPLITS",
            "load_splits", "data_stamp", "prepare_out", "finished_step_size", "meta_optimize",
            "records_json", "write_results", "new_figure", "save_figure", "plot_meta_curve",
            "add_common_arguments", "settings_from_args", "command_line", "print_summary"]
