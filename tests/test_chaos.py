@@ -2,53 +2,36 @@
 the hypergradient of the log learning rate against finite differences, results.json,
 exact --resume, an IDX --data folder, bad arguments and diverged settings."""
 
-import argparse
 import json
 import math
 
 import numpy as np
 import pytest
 
+from hypergrad_fast.cli import build_parser
 from hypergrad_fast.data import MNIST_ENV, load_mnist, write_idx
 from hypergrad_fast.experiments import chaos
 from hypergrad_fast.experiments._args import ConfigError
 from hypergrad_fast.metaopt import CheckpointError
 from hypergrad_fast.models import MLP
 
+from experiment_runs import PNG_MAGIC, embedded_digits  # noqa: F401  (an autouse fixture)
+from experiment_runs import results as _results, without_times as _without_times
+
 #: 8 grid points over 3 natural-log units (spacing 0.43), two horizons, two seeds.
 TINY = ["--n-train", "100", "--n-valid", "50", "--n-test", "10", "--batch-size", "20",
         "--hidden", "5", "--iters", "2,3", "--seeds", "2", "--grid-points", "8",
         "--log-lr-min", "-2", "--log-lr-max", "1", "--no-progress"]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def embedded_digits(monkeypatch):
-    monkeypatch.delenv(MNIST_ENV, raising=False)
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="hypergrad-fast")
-    sub = parser.add_subparsers(dest="command", required=True)
-    chaos.EXPERIMENT.add_parser(sub).set_defaults(run=chaos.EXPERIMENT.run)
-    return parser
+    return build_parser()
 
 
 def _run(out, *extra):
+    """The subcommand run directly (exceptions propagate, unlike through ``main``)."""
     args = _parser().parse_args(["chaos", "--out", str(out), *TINY, *extra])
     return args.run(args)
-
-
-def _results(out):
-    return json.loads((out / "results.json").read_text())
-
-
-def _without_times(value):
-    """results.json content that must agree between runs: wall-clock fields dropped."""
-    if isinstance(value, dict):
-        return {k: _without_times(v) for k, v in value.items()
-                if k not in ("runtime", "command", "files")}
-    return value
 
 
 # ------------------------------------------------------------------ roughness

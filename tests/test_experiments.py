@@ -13,6 +13,9 @@ from hypergrad_fast.data import MNIST_ENV, write_idx
 from hypergrad_fast.experiments import EXPERIMENTS
 from hypergrad_fast.experiments._runner import MnistProblem, command_line
 
+from experiment_runs import PNG_MAGIC, embedded_digits  # noqa: F401  (an autouse fixture)
+from experiment_runs import results as _results, without_times as _without_times
+
 SIZES = ["--n-train", "200", "--n-valid", "100", "--n-test", "100", "--iters", "5",
          "--no-progress"]
 TINY = {
@@ -33,29 +36,16 @@ SUMMARY_KEYS = {
 #: The hyperloss evaluation an interrupted run stops at (l2-per-weight: inside its
 #: second meta-optimisation, which starts at the fifth with 3 meta-iterations).
 INTERRUPT_AT = {"schedules": 3, "init-scales": 3, "l2-per-weight": 6, "learned-data": 3}
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAMES = list(TINY)
-
-
-@pytest.fixture(autouse=True)
-def embedded_digits(monkeypatch):
-    monkeypatch.delenv(MNIST_ENV, raising=False)
 
 
 def _run(name, out, *extra):
     return main([name, "--out", str(out), *TINY[name], *extra])
 
 
-def _results(out):
-    return json.loads((out / "results.json").read_text())
 
 
-def _without_times(value):
-    """results.json content that must agree between runs: wall-clock fields dropped."""
-    if isinstance(value, dict):
-        return {k: _without_times(v) for k, v in value.items()
-                if k not in ("iter_time", "wall_time", "runtime", "command", "files")}
-    return value
+
 
 
 def test_every_experiment_of_the_issue_is_registered():

@@ -3,7 +3,6 @@ independent autograd reference, the sharing matrices, hypergradients against
 finite differences and the autograd backend, and tiny runs end to end
 (results.json, figures, exact --resume, an IDX --data folder, bad arguments)."""
 
-import argparse
 import json
 
 import autograd.numpy as anp
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 from autograd import grad, make_vjp, value_and_grad
 
+from hypergrad_fast.cli import build_parser
 from hypergrad_fast.data import MNIST_ENV, MnistSplits, Split, write_idx
 from hypergrad_fast.experiments import multitask as mt
 from hypergrad_fast.experiments._args import ConfigError
@@ -19,38 +19,22 @@ from hypergrad_fast.metaopt import CheckpointError
 from hypergrad_fast.models import MLP, make_train_loss
 from hypergrad_fast.objectives import minibatch
 
+from experiment_runs import PNG_MAGIC, embedded_digits  # noqa: F401  (an autouse fixture)
+from experiment_runs import results as _results, without_times as _without_times
+
 TINY = ["--hidden", "3", "--n-train", "4", "--n-valid", "3", "--n-test", "3", "--iters", "3",
         "--batch-size", "2", "--no-progress"]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TABLE_KEYS = {"train_error", "test_error", "train_loss", "test_loss"}
 
 
-@pytest.fixture(autouse=True)
-def embedded_digits(monkeypatch):
-    monkeypatch.delenv(MNIST_ENV, raising=False)
-
-
 def _parser():
-    p = argparse.ArgumentParser(prog="hypergrad-fast")
-    sub = p.add_subparsers(dest="command", required=True)
-    mt.EXPERIMENT.add_parser(sub).set_defaults(run=mt.EXPERIMENT.run)
-    return p
+    return build_parser()
 
 
 def _run(out, *extra):
+    """The subcommand run directly (exceptions propagate, unlike through ``main``)."""
     args = _parser().parse_args(["multitask", "--out", str(out), *TINY, *extra])
     return args.run(args)
-
-
-def _results(out):
-    return json.loads((out / "results.json").read_text())
-
-
-def _without_times(value):
-    if isinstance(value, dict):
-        return {k: _without_times(v) for k, v in value.items()
-                if k not in ("iter_time", "wall_time", "runtime", "command", "files")}
-    return value
 
 
 def _digits(rng, n_train, n_valid, n_test, side=28):
