@@ -2,14 +2,13 @@
 the hypergradient of the log learning rate against finite differences, results.json,
 exact --resume, an IDX --data folder, bad arguments and diverged settings."""
 
-import json
 import math
 
 import numpy as np
 import pytest
 
 from hypergrad_fast.cli import build_parser
-from hypergrad_fast.data import MNIST_ENV, load_mnist, write_idx
+from hypergrad_fast.data import load_mnist, write_idx
 from hypergrad_fast.experiments import chaos
 from hypergrad_fast.experiments._args import ConfigError
 from hypergrad_fast.metaopt import CheckpointError

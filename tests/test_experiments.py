@@ -2,14 +2,13 @@
 figures, exact --resume after completion and after an interruption, and bad
 arguments."""
 
-import json
 import shlex
 
 import numpy as np
 import pytest
 
 from hypergrad_fast.cli import build_parser, main
-from hypergrad_fast.data import MNIST_ENV, write_idx
+from hypergrad_fast.data import write_idx
 from hypergrad_fast.experiments import EXPERIMENTS
 from hypergrad_fast.experiments._runner import MnistProblem, command_line
 

@@ -3,7 +3,6 @@ independent autograd reference, the sharing matrices, hypergradients against
 finite differences and the autograd backend, and tiny runs end to end
 (results.json, figures, exact --resume, an IDX --data folder, bad arguments)."""
 
-import json
 
 import autograd.numpy as anp
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 from autograd import grad, make_vjp, value_and_grad
 
 from hypergrad_fast.cli import build_parser
-from hypergrad_fast.data import MNIST_ENV, MnistSplits, Split, write_idx
+from hypergrad_fast.data import MnistSplits, Split, write_idx
 from hypergrad_fast.experiments import multitask as mt
 from hypergrad_fast.experiments._args import ConfigError
 from hypergrad_fast.experiments._runner import command_line, settings_from_args
