@@ -230,6 +230,11 @@ def test_format_and_flatten():
     assert rows == {"a.b.c": "1", "l": "(list of 21 numbers, not shown)",
                     "m": "[x, null]", "e": "{}"}
     assert gallery.flatten_summary({}) == []
+    # A matrix (multitask's sharing) is one row; ragged or mixed lists are not matrices.
+    rows = dict(gallery.flatten_summary({"s": {"layer0": [[1.0, 0.5], [0.5, 1.0]]},
+                                         "r": [[1, 2], [3]], "o": [{"a": 1}]}))
+    assert rows == {"s.layer0": "(2 x 2 matrix, in results.json)", "r[0]": "[1, 2]",
+                    "r[1]": "[3]", "o[0].a": "1"}
     many = gallery.flatten_summary({f"k{i}": i for i in range(gallery.MAX_ROWS + 5)})
     assert len(many) == gallery.MAX_ROWS + 1 and "5 more rows" in many[-1][1]
 

@@ -241,6 +241,14 @@ def _is_scalar(value) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
+def _is_matrix(value) -> bool:
+    """A non-empty list of equally long, non-empty lists of numbers."""
+    return (len(value) > 0 and all(isinstance(row, (list, tuple)) for row in value)
+            and len({len(row) for row in value}) == 1 and len(value[0]) > 0
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                    for row in value for v in row))
+
+
 def format_value(value) -> str:
     """A JSON scalar as the table shows it: floats to 5 significant digits (in
     exponent form outside [0.001, 100000)), integers exact, strings cut at
@@ -265,7 +273,8 @@ def format_value(value) -> str:
 
 def flatten_summary(summary: dict) -> list:
     """(key, text) rows of ``summary``: nested objects as "key.subkey", lists of up to
-    :data:`MAX_LIST` scalars on one row, longer lists as a note, lists of objects as
+    :data:`MAX_LIST` scalars on one row, longer lists as a note, a matrix (a list of
+    equally long lists of numbers) as a note of its shape, lists of objects as
     "key[i].subkey"; at most :data:`MAX_ROWS` rows (then a row counting the rest)."""
     rows = []
 
@@ -282,6 +291,8 @@ def flatten_summary(summary: dict) -> list:
                 rows.append((key, f"(list of {len(value)} {kind}, not shown)"))
             elif all(_is_scalar(v) for v in value):
                 rows.append((key, "[" + ", ".join(format_value(v) for v in value) + "]"))
+            elif _is_matrix(value):
+                rows.append((key, f"({len(value)} x {len(value[0])} matrix, in results.json)"))
             else:
                 for i, v in enumerate(value):
                     add(f"{key}[{i}]", v)
