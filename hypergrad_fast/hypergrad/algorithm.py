@@ -112,6 +112,17 @@ class _Coefficients:
     def __init__(self, schedule, groups, prepare):
         self._schedule, self._groups, self._prepare = schedule, groups, prepare
         self._kept = {}
+        # Groups that are contiguous blocks 0, 1, ..., G-1 (the models' layouts) expand
+        # by repeating each value over its block, several times faster than a gather.
+        n_groups = schedule.shape[2]
+        self._counts = None
+        if np.all(groups[1:] >= groups[:-1]) and groups[0] == 0 and groups[-1] == n_groups - 1:
+            self._counts = np.bincount(groups, minlength=n_groups)
+
+    def _expand(self, row):
+        if self._counts is not None:
+            return np.repeat(row, self._counts, axis=1).ravel()
+        return row[:, self._groups].ravel()
 
     def __getitem__(self, t):
         row = self._schedule[:, t, :]
@@ -119,7 +130,7 @@ class _Coefficients:
         value = self._kept.get(key)
         if value is None:
             first = row.flat[0]
-            per_param = first if (row == first).all() else row[:, self._groups].ravel()
+            per_param = first if (row == first).all() else self._expand(row)
             value = self._prepare(per_param)
             if len(self._kept) == 2:
                 del self._kept[next(iter(self._kept))]
