@@ -2,12 +2,13 @@
 they share."""
 
 import argparse
+import math
 import os
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 __all__ = ["ConfigError", "Experiment", "existing_folder", "int_at_least",
-           "positive_float", "prepare_out_dir", "widths"]
+           "finite_float", "positive_float", "prepare_out_dir", "widths"]
 
 
 class ConfigError(ValueError):
@@ -35,6 +36,17 @@ def int_at_least(minimum):
         return value
     parse.__name__ = f"integer >= {minimum}"
     return parse
+
+
+def finite_float(text):
+    """An argument that is a finite number (any sign)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return value
 
 
 def positive_float(text):

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shlex
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Optional
@@ -40,8 +41,8 @@ from ._args import (ConfigError, existing_folder, int_at_least, positive_float,
 
 __all__ = ["BaseConfig", "MnistProblem", "EMBEDDED_SOURCE", "PROG", "RESULTS_VERSION", "SPLITS",
            "load_splits", "data_stamp", "prepare_out", "finished_step_size", "meta_optimize",
-           "records_json", "write_results", "new_figure", "save_figure", "plot_meta_curve",
-           "add_common_arguments", "settings_from_args", "command_line", "print_summary"]
+           "records_json", "variants_facts", "write_results", "new_figure", "save_figure",
+           "plot_meta_curve", "add_common_arguments", "settings_from_args", "command_line", "print_summary"]
 
 PROG = "hypergrad-fast"
 RESULTS_VERSION = 1
@@ -305,6 +306,18 @@ def run_facts(meta_seconds, invocation_seconds, resumed_from, paths) -> dict:
                         "this_invocation_s": invocation_seconds,
                         "resumed_from_meta_iteration": resumed_from},
             "files": {k: str(p) for k, p in paths.items()}}
+
+
+def variants_facts(results: dict, records: dict, invocation_start: float, paths) -> dict:
+    """results.json's ``meta_records``, ``meta_step_sizes``, ``runtime`` and ``files`` for
+    meta-optimisations run one after another: ``results`` maps each variant to its
+    :class:`~hypergrad_fast.metaopt.MetaResult`, ``records`` to its records_json;
+    ``invocation_start`` is this invocation's ``time.perf_counter()`` at its start."""
+    return {"meta_records": records,
+            "meta_step_sizes": {v: r.step_sizes.tolist() for v, r in results.items()},
+            **run_facts(sum(r["wall_time"][-1] for r in records.values()),
+                        time.perf_counter() - invocation_start,
+                        {v: r.resumed_from for v, r in results.items()}, paths)}
 
 
 def write_results(path, *, experiment: str, command: str, config: BaseConfig,

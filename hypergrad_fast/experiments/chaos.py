@@ -41,7 +41,7 @@ import numpy as np
 from ..hypergrad import sweep
 from ..metaopt import CheckpointError, atomic_write
 from ..models import MLP
-from ._args import ConfigError, Experiment, int_at_least, widths
+from ._args import ConfigError, Experiment, finite_float, int_at_least, widths
 from ._runner import (BaseConfig, MlpSizes, add_common_arguments, command_line, data_stamp,
                       load_splits, new_figure, prepare_out, print_summary, save_figure,
                       settings_from_args, write_results)
@@ -616,17 +616,6 @@ def horizon_list(text):
         raise argparse.ArgumentTypeError(
             f"expected two or more different iteration counts >= 1 like 50,100, got {text!r}")
     return values
-
-
-def finite_float(text):
-    """An argument that is a finite number (any sign)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
-    return value
 
 
 def unit_interval(text):

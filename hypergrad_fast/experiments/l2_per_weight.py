@@ -20,7 +20,7 @@ from ..models import LogisticRegression, ParamLayout, make_train_loss
 from ._args import ConfigError, Experiment, positive_float
 from ._runner import (N_CLASSES, N_PIXELS, SIDE, BaseConfig, MnistProblem,
                       add_common_arguments, command_line, meta_optimize, new_figure,
-                      plot_meta_curve, prepare_out, print_summary, records_json, run_facts,
+                      plot_meta_curve, prepare_out, print_summary, records_json, variants_facts,
                       save_figure, settings_from_args, write_results)
 
 __all__ = ["L2Config", "L2Problem", "QUICK", "run_l2_per_weight"]
@@ -192,11 +192,7 @@ def run_l2_per_weight(config: L2Config, out_dir, *, resume: bool = False,
         paths["results"], experiment=NAME, command=command, config=config,
         data_sha256=per_weight.data_stamp(), summary=summary, figures=figures,
         learned={"log_l2_per_weight": log_l2.tolist(), "log_l2_shared": shared_log_l2},
-        meta_records=records,
-        meta_step_sizes={v: results[v].step_sizes.tolist() for v in VARIANTS},
-        **run_facts(sum(r["wall_time"][-1] for r in records.values()),
-                    time.perf_counter() - start,
-                    {v: results[v].resumed_from for v in VARIANTS}, paths))
+        **variants_facts(results, records, start, paths))
 
 
 def add_parser(sub):

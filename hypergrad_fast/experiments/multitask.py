@@ -52,7 +52,7 @@ from ._args import ConfigError, Experiment, int_at_least, positive_float
 from ._runner import (N_CLASSES, N_PIXELS, SIDE, SPLITS, BaseConfig, MnistProblem,
                       add_common_arguments, command_line, data_stamp, meta_optimize,
                       new_figure, plot_meta_curve, prepare_out, print_summary, records_json,
-                      run_facts, save_figure, settings_from_args, write_results)
+                      variants_facts, save_figure, settings_from_args, write_results)
 
 __all__ = ["MultitaskConfig", "MultitaskProblem", "MultitaskLoss", "TaskLayout", "QUICK",
            "VARIANTS", "make_tasks", "task_permutations", "partial_correlations",
@@ -741,11 +741,7 @@ def run_multitask(config: MultitaskConfig, out_dir, *, resume: bool = False,
         learned={"sharing_matrices": [a.tolist() for a in matrices],
                  "hyperparameters": {v: results[v].params.tolist() for v in VARIANTS}},
         permutations=task_permutations().tolist(),
-        meta_records=records,
-        meta_step_sizes={v: results[v].step_sizes.tolist() for v in VARIANTS},
-        **run_facts(sum(r["wall_time"][-1] for r in records.values()),
-                    time.perf_counter() - start,
-                    {v: results[v].resumed_from for v in VARIANTS}, paths))
+        **variants_facts(results, records, start, paths))
 
 
 # --------------------------------------------------------------------------

@@ -109,15 +109,13 @@ class _Coefficients:
     A row with one value throughout goes to the engine as a scalar.
     """
 
-    def __init__(self, schedule, groups, prepare):
+    def __init__(self, schedule, groups, prepare, counts=None):
         self._schedule, self._groups, self._prepare = schedule, groups, prepare
+        # With ``counts``, the (G,) sizes of groups that are contiguous blocks in order
+        # (the models' layouts), a row expands by repeating each value over its block,
+        # several times faster than a gather.
+        self._counts = counts
         self._kept = {}
-        # Groups that are contiguous blocks 0, 1, ..., G-1 (the models' layouts) expand
-        # by repeating each value over its block, several times faster than a gather.
-        n_groups = schedule.shape[2]
-        self._counts = None
-        if np.all(groups[1:] >= groups[:-1]) and groups[0] == 0 and groups[-1] == n_groups - 1:
-            self._counts = np.bincount(groups, minlength=n_groups)
 
     def _expand(self, row):
         if self._counts is not None:
@@ -152,19 +150,21 @@ class CpuBackend:
         self.shape = x0.shape
         self.sched = sched
         self.engines = [ReversibleMomentum(row, frac_bits=frac_bits) for row in x0]
-        self._alpha = [_Coefficients(sched.alphas[b:b + 1], sched.groups, e.prepare_alpha)
-                       for b, e in enumerate(self.engines)]
-        self._beta = [_Coefficients(sched.betas[b:b + 1], sched.groups, e.prepare_beta)
-                      for b, e in enumerate(self.engines)]
         self._loops = _gpu_mlp.cpu_loops()
         self.groups = sched.groups
         n_groups = sched.alphas.shape[2]
-        self._bounds = None
+        self._bounds = counts = None
         if np.all(self.groups[1:] >= self.groups[:-1]):  # contiguous blocks
             self._bounds = np.searchsorted(self.groups, np.arange(n_groups + 1)).astype(np.int64)
-        self._alpha_values = _Coefficients(sched.alphas, sched.groups, self._shaped)
+            counts = np.diff(self._bounds)
+        self._alpha = [_Coefficients(sched.alphas[b:b + 1], self.groups, e.prepare_alpha, counts)
+                       for b, e in enumerate(self.engines)]
+        self._beta = [_Coefficients(sched.betas[b:b + 1], self.groups, e.prepare_beta, counts)
+                      for b, e in enumerate(self.engines)]
+        self._alpha_values = _Coefficients(sched.alphas, self.groups, self._shaped, counts)
         self._beta_values = _Coefficients(
-            sched.betas_eff, sched.groups, lambda b: (self._shaped(b), self._shaped(-(1.0 - b))))
+            sched.betas_eff, self.groups, lambda b: (self._shaped(b), self._shaped(-(1.0 - b))),
+            counts)
 
     def _shaped(self, per_param):
         """A scalar, or a flat per-parameter row as (B, N)."""

@@ -23,9 +23,10 @@ import math
 import numpy as np
 from numba import njit, prange
 
-_ALL_COLUMNS = np.empty(0, dtype=np.int64)
+#: ``cols`` for "every input column": no compaction (see :func:`active_columns`).
+ALL_COLUMNS = np.empty(0, dtype=np.int64)
 
-__all__ = ["active_columns", "gather_rows", "value_only", "value_grad", "grad_hvp", "l2_value_grad", "l2_grad_hvp",
+__all__ = ["ALL_COLUMNS", "active_columns", "gather_rows", "value_only", "value_grad", "grad_hvp", "l2_value_grad", "l2_grad_hvp",
            "batch_value_grad", "batch_grad_hvp", "value_grad_rows", "grad_hvp_rows"]
 
 
@@ -246,7 +247,7 @@ def _back_through(d_h, h, relu):
 @njit(cache=True, nogil=True)
 def value_only(x, inputs, targets, sizes, w_off, b_off, relu):
     """The mean cross-entropy of ``inputs`` against ``targets`` (no gradient)."""
-    _, logits = _forward(x, inputs, sizes, w_off, b_off, relu, _ALL_COLUMNS)
+    _, logits = _forward(x, inputs, sizes, w_off, b_off, relu, ALL_COLUMNS)
     value, _, _ = _softmax_top(logits, targets, inputs.shape[0])
     return value
 

@@ -75,7 +75,6 @@ class _OneBlasThread:
 
 _one_blas_thread = _OneBlasThread()
 _NO_BOUNDS = np.empty(0, dtype=np.int64)
-_ALL_COLUMNS = np.empty(0, dtype=np.int64)  # the kernels' "no compaction"
 
 
 class CompiledMLPLoss(Objective):
@@ -245,5 +244,5 @@ class CompiledMLPLoss(Objective):
         g = np.empty(self._size)
         value = kernels.value_grad(np.ascontiguousarray(x, dtype=np.float64), inputs, targets,
                                    self._sizes, self._w_off, self._b_off, self._relu, g,
-                                   len(inputs), _ALL_COLUMNS)
+                                   len(inputs), kernels.ALL_COLUMNS)
         return value, g
