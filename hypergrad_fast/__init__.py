@@ -15,16 +15,20 @@ import importlib
 #: Public name -> the module that defines it.  Imported on first use (PEP 562), so
 #: that ``hypergrad-fast --help`` and a Ctrl-C at start-up do not wait for Numba.
 _EXPORTS = {
+    "AdamState": ".engine",
     "BatchedReversibleMomentum": ".engine",
     "EngineState": ".engine",
     "Prepared": ".engine",
+    "ReversibleAdam": ".engine",
     "ReversibleMomentum": ".engine",
     "beta_numerator": ".engine",
     "effective_beta": ".engine",
     "gpu_available": ".engine",
     "information_bound": ".engine",
+    "SchedulerLostError": ".hypergrad",
     "SgdRecovery": ".hypergrad",
     "SweepResult": ".hypergrad",
+    "adam": ".hypergrad",
     "sgd": ".hypergrad",
     "sweep": ".hypergrad",
 }

@@ -13,6 +13,8 @@ Sections (append new references at the end, each self-contained):
 3. a reversible momentum engine on it    -- NaiveReversibleMomentum
 4. float64 momentum and its error bound  -- float_momentum, fixed_point_error_bound
 5. drivers shared by engine and reference -- run_forward, run_reverse
+6. float64 SGD unrolled for autograd     -- unrolled_sgd
+7. float64 Adam unrolled for autograd    -- unrolled_adam
 """
 
 import math
@@ -292,4 +294,29 @@ def unrolled_sgd(loss, x0, alphas, betas, meta=None, *, groups=None):
         b = betas[t] if anp.ndim(betas[t]) == 0 else betas[t][groups]
         v = b * v - (1.0 - b) * g
         x = x + a * v
+    return x
+
+
+# ------------------------------------------------------------ 7. unrolled Adam
+# The recursion of ``hypergrad_fast.adam`` (no bias correction) as a plain float64
+# loop, differentiable in every argument by autograd.  Pass effective decays to
+# compare with ``adam``.
+
+
+def unrolled_adam(loss, x0, alphas, b1s, b2s, meta=None, *, eps=1e-8, groups=None):
+    """x_T by the plain loop: m <- b1 m + (1-b1) g; s <- b2 s + (1-b2) g**2;
+    x <- x - alpha m / (sqrt(s) + eps), with m0 = s0 = 0."""
+    loss_grad = grad(loss)
+    x = x0
+    m, s = anp.zeros(x0.shape[0]), anp.zeros(x0.shape[0])
+
+    def at(schedule, t):
+        return schedule[t] if anp.ndim(schedule[t]) == 0 else schedule[t][groups]
+
+    for t in range(alphas.shape[0]):
+        g = loss_grad(x, meta, t)
+        b1, b2 = at(b1s, t), at(b2s, t)
+        m = b1 * m + (1.0 - b1) * g
+        s = b2 * s + (1.0 - b2) * g * g
+        x = x - at(alphas, t) * m / (anp.sqrt(s) + eps)
     return x

@@ -2,7 +2,8 @@
 
 ``_arith`` holds the arithmetic once (rounding rule, rational decays, the coder);
 ``_cpu_kernels`` and ``_gpu_kernels`` compile it for ``@njit`` and ``@cuda.jit``;
-``cpu`` and ``gpu`` wrap those kernels as engines with validation and rollback.
+``cpu`` and ``gpu`` wrap those kernels as engines with validation and rollback;
+``adam`` is the exact reversible Adam engine on the same arithmetic (CPU).
 """
 
 from .cpu import (
@@ -14,11 +15,14 @@ from .cpu import (
     information_bound,
 )
 from .gpu import BatchedReversibleMomentum, gpu_available
+from .adam import AdamState, ReversibleAdam
 
 __all__ = [
+    "AdamState",
     "BatchedReversibleMomentum",
     "EngineState",
     "Prepared",
+    "ReversibleAdam",
     "ReversibleMomentum",
     "beta_numerator",
     "effective_beta",

@@ -6,12 +6,15 @@ the very same code, and the CUDA simulator runs it as plain Python on NumPy scal
 Every operand is given an explicit NumPy integer type, because Numba (and NumPy 2
 promotion in the simulator) turns a mixed int64/uint64 expression into float64.
 
-Three facts live here and nowhere else:
+Four facts live here and nowhere else:
 
 * the fixed-point rounding rule (:func:`fixed_round`),
 * the information-buffer coding (:func:`forward_velocity`, :func:`reverse_velocity`,
   :func:`stack_push`, :func:`stack_pop`),
-* the rational form of the decay ``beta = n / d`` (:data:`BETA_DENOM`).
+* the rational form of the decay ``beta = n / d`` (:data:`BETA_DENOM`),
+* Adam's position increment as a function of the fixed-point moments
+  (:func:`adam_delta`).  Adam's moments are decayed accumulators like the momentum's
+  velocity, and use the same coding.
 
 The information buffer is a range-ANS coder per parameter: a 64-bit state in
 ``[2**48, 2**64)`` plus a stack of 16-bit words stored in a column of a shared 2-D
@@ -333,4 +336,32 @@ def move_position(x, v, alpha, sign):
     """``x + sign * alpha * v`` in fixed point.  Returns (x, ok)."""
     dx, ok = position_delta(alpha, v)
     x = x + sign * dx
+    return x, ok & fixed_fits(x)
+
+
+# --- Adam's position update -------------------------------------------------------
+
+
+@register_jitable
+def adam_delta(alpha, m, s, eps, inv_scale_m, inv_scale_s, scale):
+    """The fixed-point decrement ``alpha * m / (sqrt(s) + eps)`` of Adam's position update.
+
+    ``m`` and ``s`` are the fixed-point moments (``inv_scale_*`` the powers of two
+    that give their values) and ``scale = 2**frac_bits`` that of x.  A deterministic
+    function of the integers, rounded once by :func:`fixed_round`: the forward step
+    subtracts it and the reverse step adds back the same integer.  ``s >= 0``, so
+    ``sqrt`` is defined; ``eps > 0`` keeps the quotient finite.  IEEE division and
+    square root are correctly rounded on both targets, so the integer is the same on
+    the CPU and the GPU.  Returns ``(delta, ok)``.
+    """
+    denom = math.sqrt(np.float64(s) * inv_scale_s) + eps
+    step = (np.float64(m) * inv_scale_m) / denom
+    return fixed_round((alpha * step) * scale)
+
+
+@register_jitable(inline="always")
+def move_adam(x, m, s, alpha, eps, inv_scale_m, inv_scale_s, scale, sign):
+    """``x - sign * alpha * m / (sqrt(s) + eps)`` in fixed point.  Returns (x, ok)."""
+    dx, ok = adam_delta(alpha, m, s, eps, inv_scale_m, inv_scale_s, scale)
+    x = x - sign * dx
     return x, ok & fixed_fits(x)

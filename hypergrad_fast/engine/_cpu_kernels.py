@@ -37,6 +37,7 @@ from ._arith import (
     beta_constants,
     forward_velocity,
     gradient_term,
+    move_adam,
     move_position,
     reverse_velocity,
     stack_pop,
@@ -429,3 +430,36 @@ step = _Kernel(_step)
 position = _Kernel(_position)
 decay = _Kernel(_decay)
 undecay = _Kernel(_undecay)
+
+
+# --- Adam -----------------------------------------------------------------------------
+# Adam's moments m and s are decayed accumulators, updated by the velocity kernels
+# above (``decay`` / ``undecay``, each with its own coder and stacks); only the
+# position update is Adam's own.
+
+@njit(cache=True)
+def _adam_position_loop(x, m, s, alpha, eps, inv_scale_m, inv_scale_s, scale, sign, status):
+    n_bad = 0
+    for i in range(x.shape[0]):
+        xn, ok = move_adam(x[i], m[i], s[i], _at(alpha, i), eps, inv_scale_m, inv_scale_s,
+                           scale, sign)
+        before = status[i]
+        good = ok & (before == OK)
+        x[i] = xn if good else x[i]
+        status[i] = _status(before, ok, False)
+        n_bad += not good
+    return n_bad
+
+
+def _adam_position(x, m, s, alpha, eps, inv_scale_m, inv_scale_s, scale, sign, status, chunk,
+                   first_fail):
+    """``x <- x - sign * alpha * m / (sqrt(s) + eps)`` (sign +1 forward, -1 to undo)."""
+    n = x.shape[0]
+    for c in prange(first_fail.shape[0]):
+        lo, hi = c * chunk, min((c + 1) * chunk, n)
+        n_bad = _adam_position_loop(x[lo:hi], m[lo:hi], s[lo:hi], _part(alpha, lo, hi), eps,
+                                    inv_scale_m, inv_scale_s, scale, sign, status[lo:hi])
+        first_fail[c] = _first_failure(status, lo, hi) if n_bad else _NO_INDEX
+
+
+adam_position = _Kernel(_adam_position)

@@ -199,6 +199,8 @@ class StepOrder:
 
     _iterations = 0
     _position_undone = False
+    #: The method that undoes the rest of a step after ``unstep_position``.
+    _SECOND_HALF = "unstep_velocity"
 
     @property
     def iterations(self):
@@ -207,7 +209,7 @@ class StepOrder:
 
     def _before_step(self):
         if self._position_undone:
-            raise RuntimeError("unstep_position was called without its unstep_velocity; "
+            raise RuntimeError(f"unstep_position was called without its {self._SECOND_HALF}; "
                                "finish the reverse step first")
 
     def _after_step(self):
@@ -215,7 +217,7 @@ class StepOrder:
 
     def _before_unstep_position(self):
         if self._position_undone:
-            raise RuntimeError("unstep_position called twice; call unstep_velocity first")
+            raise RuntimeError(f"unstep_position called twice; call {self._SECOND_HALF} first")
         if self._iterations <= 0:
             raise ValueError("no step left to undo: the engine is back at its first state")
 
@@ -224,7 +226,7 @@ class StepOrder:
 
     def _before_unstep_velocity(self):
         if not self._position_undone:
-            raise RuntimeError("unstep_velocity must follow unstep_position")
+            raise RuntimeError(f"{self._SECOND_HALF} must follow unstep_position")
 
     def _after_unstep_velocity(self):
         self._position_undone = False

@@ -82,7 +82,149 @@ def _first(first_fail):
     return int(bad.min()) if bad.size else -1
 
 
-class ReversibleMomentum(ExactEngine):
+def kernel_buffers(n):
+    """``(chunk, first_fail, status, scratch)`` for kernels over n elements.
+
+    Chunks start at multiples of 8 and the status array is padded to a multiple of 8:
+    the kernels scan status bytes eight at a time.  Equal chunks of at most CHUNK, an
+    even number of them when there are several: the parallel kernels hand whole
+    chunks to the two cores.  The status array is all zero between calls.
+    """
+    n_chunks = -(-n // CHUNK)
+    n_chunks += n_chunks % 2 if n_chunks > 1 else 0
+    chunk = -(-(-(-n // n_chunks)) // 8) * 8
+    n_chunks = -(-n // chunk)
+    return (chunk, np.empty(n_chunks, dtype=np.int64), np.zeros(-(-n // 8) * 8, dtype=np.uint8),
+            np.empty(n, dtype=np.uint16))
+
+
+def grow_rows(words, rows):
+    """Make room for ``rows`` words per column of ``words``, in place.
+
+    ``ndarray.resize`` reallocates the buffer; for large arrays the C library remaps
+    the pages instead of copying, so two full copies are never held.
+    """
+    if rows > words.shape[0]:
+        words.resize((rows, words.shape[1]), refcheck=False)
+
+
+def run_growing(kernel, args, status, first_fail, words, refused):
+    """Run a kernel that may push words onto ``words``; grow it when a column is full.
+
+    Elements that found their column full were left untouched (status ROOM): after
+    growing by at least one row (1/16 of the rows at a time) the kernel runs again
+    on them alone, the others being marked SKIP.  Growing only when a word has
+    nowhere to go keeps the allocation within a row of what is held.  A call that
+    some element refuses (``refused()`` >= 0) does not grow: it is rolled back, and
+    the allocation stays as it was too.
+    """
+    kernel(*args)
+    bad = _first(first_fail)
+    if bad < 0 or status[bad] != k.ROOM or refused() >= 0:
+        return
+    room = status == k.ROOM
+    have = words.shape[0]
+    grow_rows(words, max(have + 1, have + have // 16))
+    status[status == k.OK] = k.SKIP
+    status[room] = k.OK
+    kernel(*args)
+    status[status == k.SKIP] = k.OK
+
+
+def first_refused(status, first_fail):
+    """The first element that a kernel refused (not merely ROOM), or -1."""
+    bad = _first(first_fail)
+    if bad < 0 or status[bad] != k.ROOM:
+        return bad
+    refused = np.flatnonzero((status == k.FAIL) | (status == k.CORRUPT))
+    return int(refused[0]) if refused.size else -1
+
+
+class FixedPointInputs:
+    """Validation of the inputs of a CPU engine with ``size``, ``frac_bits``, ``_scale``
+    and kernel buffers (:func:`kernel_buffers`): vectors, fixed-point conversion,
+    learning rates, :class:`Prepared` values; shared by :class:`ReversibleMomentum`
+    and :class:`~.adam.ReversibleAdam`."""
+
+    def _vector(self, a, name, n):
+        a = np.asarray(a)
+        if a.dtype.kind not in "fiu":
+            raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
+        a = np.ascontiguousarray(a, dtype=np.float64)
+        if a.ndim != 1:
+            raise ValueError(f"{name} must be a 1-D array, got shape {a.shape}")
+        if n is not None and a.shape[0] != n:
+            raise ValueError(f"{name} has length {a.shape[0]}, expected {n}")
+        return a
+
+    def _fix(self, values, name):
+        out = np.empty(values.shape[0], dtype=np.int64)
+        k.to_fixed(values, self._scale, out, self._status, self._chunk, self._first_fail)
+        bad = _first(self._first_fail)
+        if bad >= 0:
+            self._status.fill(0)
+            self._raise_value(name, bad, values[bad])
+        return out
+
+    def _refused(self):
+        """The first element that a kernel refused (not merely ROOM), or -1."""
+        return first_refused(self._status, self._first_fail)
+
+    def _raise_value(self, name, index, value):
+        raise value_error(f"{name}[{index}]", value, self.frac_bits)
+
+    def _coefficient(self, value, name, unit_interval=False):
+        """A scalar or per-parameter float64 coefficient, validated (as a 1- or N-array)."""
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "fiub":
+            raise TypeError(f"{name} must be real, got dtype {arr.dtype}")
+        if arr.ndim == 0:
+            a = np.array([float(arr)])
+        elif arr.shape == (self.size,):
+            a = np.ascontiguousarray(arr, dtype=np.float64)
+        else:
+            raise ValueError(f"{name} must be a scalar or have shape ({self.size},), "
+                             f"got shape {arr.shape}")
+        return check_coefficients(a, lambda i: f"{name}[{i}]" if arr.ndim else name,
+                                  unit_interval)
+
+    def prepare_alpha(self, alpha):
+        """Validate ``alpha`` (scalar or (N,)) once; pass the result as ``alpha`` to the steps."""
+        if isinstance(alpha, Prepared):
+            return self._prepared(alpha, "alpha")
+        arg = _for_kernel(self._coefficient(alpha, "alpha"))
+        if isinstance(arg, np.ndarray) and np.may_share_memory(arg, np.asarray(alpha)):
+            arg = arg.copy()  # what was validated must not change with the caller's array
+        return _made("alpha", self.size, None, arg)
+
+    def _prepared(self, value, name):
+        """A :class:`Prepared` ``value`` checked for use as ``name`` on this engine."""
+        if not value._made_by_engine:
+            raise TypeError(
+                f"{name} is a Prepared that no engine made (built by hand or with "
+                f"_replace), so its fields were never validated; make it with "
+                f"prepare_{name}(), or pass the plain value")
+        if value.name != name or value.size != self.size:
+            raise ValueError(f"{name} was prepared as {value.name} for an engine of size "
+                             f"{value.size}; this is {name} for size {self.size}")
+        return value
+
+    def _alpha_arg(self, alpha):
+        """The kernel argument for ``alpha``: a float or a per-parameter array."""
+        if isinstance(alpha, Prepared):
+            return self._prepared(alpha, "alpha").kernel_arg
+        return _for_kernel(self._coefficient(alpha, "alpha"))
+
+    def _decay_numerators(self, value, name):
+        """The validated numerators of decay ``value`` (scalar or (N,), in (0, 1]): an int,
+        or an (N,) int64 array."""
+        return _for_kernel(beta_numerator(self._coefficient(value, name, unit_interval=True)))
+
+    def _gradient(self, g):
+        return self._vector(g, "g", self.size)
+
+
+class ReversibleMomentum(FixedPointInputs, ExactEngine):
     """SGD with momentum that can be run backwards exactly.
 
     Parameters
@@ -108,17 +250,7 @@ class ReversibleMomentum(ExactEngine):
         if n == 0:
             raise ValueError("x0 must hold at least one parameter")
         v0 = np.zeros(n) if v0 is None else self._vector(v0, "v0", n)
-        # Chunks start at multiples of 8 and the status array is padded to a multiple
-        # of 8: the kernels scan status bytes eight at a time.
-        # Equal chunks of at most CHUNK, an even number of them when there are several:
-        # the parallel kernels hand whole chunks to the two cores.
-        n_chunks = -(-n // CHUNK)
-        n_chunks += n_chunks % 2 if n_chunks > 1 else 0
-        self._chunk = -(-(-(-n // n_chunks)) // 8) * 8
-        n_chunks = -(-n // self._chunk)
-        self._first_fail = np.empty(n_chunks, dtype=np.int64)
-        self._status = np.zeros(-(-n // 8) * 8, dtype=np.uint8)  # all zero between calls
-        self._scratch = np.empty(n, dtype=np.uint16)
+        self._chunk, self._first_fail, self._status, self._scratch = kernel_buffers(n)
         self._x = self._fix(x0, "x0")
         self._v = self._fix(v0, "v0")
         self._coder = np.full(n, STATE_INIT, dtype=np.uint64)
@@ -201,93 +333,11 @@ class ReversibleMomentum(ExactEngine):
         self._grow(stack_rows(held.max(), np.max(per_param)))
 
     def _grow(self, rows):
-        """Make room for ``rows`` words per parameter, in place.
-
-        ``ndarray.resize`` reallocates the buffer; for large arrays the C library
-        remaps the pages instead of copying, so two full copies are never held.
-        """
-        if rows <= self._words.shape[0]:
-            return
-        self._words.resize((rows, self.size), refcheck=False)
+        grow_rows(self._words, rows)
 
     def _forward(self, kernel, *args):
-        """Run a kernel that may push words; grow the word array when a column is full.
-
-        Elements that found their column full were left untouched (status ROOM):
-        after growing by at least one row (1/16 of the rows at a time) the kernel
-        runs again on them alone, the others being marked SKIP.  Growing only when
-        a word has nowhere to go keeps the allocation within a row of what is held.
-        A call that some element refuses does not grow: it is rolled back, and the
-        allocation stays as it was too.
-        """
-        kernel(*args)
-        bad = _first(self._first_fail)
-        if bad < 0 or self._status[bad] != k.ROOM or self._refused() >= 0:
-            return
-        status = self._status
-        room = status == k.ROOM
-        have = self._words.shape[0]
-        self._grow(max(have + 1, have + have // 16))
-        status[status == k.OK] = k.SKIP
-        status[room] = k.OK
-        kernel(*args)
-        status[status == k.SKIP] = k.OK
-
-    # ----------------------------------------------------------------- validation
-    def _vector(self, a, name, n):
-        a = np.asarray(a)
-        if a.dtype.kind not in "fiu":
-            raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
-        a = np.ascontiguousarray(a, dtype=np.float64)
-        if a.ndim != 1:
-            raise ValueError(f"{name} must be a 1-D array, got shape {a.shape}")
-        if n is not None and a.shape[0] != n:
-            raise ValueError(f"{name} has length {a.shape[0]}, expected {n}")
-        return a
-
-    def _fix(self, values, name):
-        out = np.empty(values.shape[0], dtype=np.int64)
-        k.to_fixed(values, self._scale, out, self._status, self._chunk, self._first_fail)
-        bad = _first(self._first_fail)
-        if bad >= 0:
-            self._status.fill(0)
-            self._raise_value(name, bad, values[bad])
-        return out
-
-    def _refused(self):
-        """The first element that a kernel refused (not merely ROOM), or -1."""
-        bad = _first(self._first_fail)
-        if bad < 0 or self._status[bad] != k.ROOM:
-            return bad
-        refused = np.flatnonzero((self._status == k.FAIL) | (self._status == k.CORRUPT))
-        return int(refused[0]) if refused.size else -1
-
-    def _raise_value(self, name, index, value):
-        raise value_error(f"{name}[{index}]", value, self.frac_bits)
-
-    def _coefficient(self, value, name, unit_interval=False):
-        """A scalar or per-parameter float64 coefficient, validated (as a 1- or N-array)."""
-        arr = np.asarray(value)
-        if arr.dtype.kind not in "fiub":
-            raise TypeError(f"{name} must be real, got dtype {arr.dtype}")
-        if arr.ndim == 0:
-            a = np.array([float(arr)])
-        elif arr.shape == (self.size,):
-            a = np.ascontiguousarray(arr, dtype=np.float64)
-        else:
-            raise ValueError(f"{name} must be a scalar or have shape ({self.size},), "
-                             f"got shape {arr.shape}")
-        return check_coefficients(a, lambda i: f"{name}[{i}]" if arr.ndim else name,
-                                  unit_interval)
-
-    def prepare_alpha(self, alpha):
-        """Validate ``alpha`` (scalar or (N,)) once; pass the result as ``alpha`` to the steps."""
-        if isinstance(alpha, Prepared):
-            return self._prepared(alpha, "alpha")
-        arg = _for_kernel(self._coefficient(alpha, "alpha"))
-        if isinstance(arg, np.ndarray) and np.may_share_memory(arg, np.asarray(alpha)):
-            arg = arg.copy()  # what was validated must not change with the caller's array
-        return _made("alpha", self.size, None, arg)
+        """Run a kernel that may push words, growing the stacks (see :func:`run_growing`)."""
+        run_growing(kernel, args, self._status, self._first_fail, self._words, self._refused)
 
     def prepare_beta(self, beta):
         """Validate ``beta`` (scalar or (N,), in (0, 1]) once; pass the result as ``beta``."""
@@ -298,25 +348,7 @@ class ReversibleMomentum(ExactEngine):
 
     def _beta_numerators(self, beta):
         """The validated numerators of ``beta``: an int, or an (N,) int64 array."""
-        return _for_kernel(beta_numerator(self._coefficient(beta, "beta", unit_interval=True)))
-
-    def _prepared(self, value, name):
-        """A :class:`Prepared` ``value`` checked for use as ``name`` on this engine."""
-        if not value._made_by_engine:
-            raise TypeError(
-                f"{name} is a Prepared that no engine made (built by hand or with "
-                f"_replace), so its fields were never validated; make it with "
-                f"prepare_{name}(), or pass the plain value")
-        if value.name != name or value.size != self.size:
-            raise ValueError(f"{name} was prepared as {value.name} for an engine of size "
-                             f"{value.size}; this is {name} for size {self.size}")
-        return value
-
-    def _alpha_arg(self, alpha):
-        """The kernel argument for ``alpha``: a float or a per-parameter array."""
-        if isinstance(alpha, Prepared):
-            return self._prepared(alpha, "alpha").kernel_arg
-        return _for_kernel(self._coefficient(alpha, "alpha"))
+        return self._decay_numerators(beta, "beta")
 
     def _beta_arg(self, beta):
         """(numerators, kernel argument) for ``beta``: a scalar numerator, or a table.
@@ -334,9 +366,6 @@ class ReversibleMomentum(ExactEngine):
         if self._beta_cache is None or not np.array_equal(self._beta_cache[0], n):
             self._beta_cache = k.beta_table(n)
         return n, self._beta_cache
-
-    def _gradient(self, g):
-        return self._vector(g, "g", self.size)
 
     def _kernel_failed(self, i, g, alpha, beta, stage):
         """Turn a refused element into an exception naming it (after the rollback)."""

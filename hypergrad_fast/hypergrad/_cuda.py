@@ -14,12 +14,12 @@ import numpy as np
 from ..engine import BatchedReversibleMomentum
 from ..objectives import _gpu_mlp, minibatch
 from ..objectives.layout import group_bounds
-from .algorithm import BatchedObjective
+from .algorithm import BatchedObjective, MomentumRule
 
 __all__ = ["CudaBackend", "KernelMLP"]
 
 
-class CudaBackend:
+class CudaBackend(MomentumRule):
     """Device arrays, a :class:`BatchedReversibleMomentum`, the ``@cuda.jit`` kernels."""
 
     name = "cuda"

@@ -136,35 +136,84 @@ class _Coefficients:
         return value
 
 
-class CpuBackend:
-    """One :class:`ReversibleMomentum` per setting (row); host arrays.
+class MomentumRule:
+    """The reverse pass's local steps for SGD with momentum, on a backend with the
+    element-wise steps ``group_dot``, ``velocity_cotangent``, ``hvp_direction`` and
+    ``after_hvp`` (:class:`CpuBackend`, :class:`~._cuda.CudaBackend`).
 
-    Each row has its own engine, so a setting's coefficients stay scalars when its
-    schedule row is constant over groups (the engine's cheapest path) and its
-    result is that of a separate run by construction.
+    Going back through step t with the cotangents d_x, d_v of x_{t+1}, v_{t+1}::
+
+        d_alphas[t] += d_x . v_{t+1} (per group);   d_v += alpha_t d_x
+        undo the position; g_t and H u at x_t, u = -(1 - beta_t) d_v; undo v
+        d_betas[t] += d_v . (v_t + g_t) (per group); d_x += H u;  d_v *= beta_t
+    """
+
+    #: The Hessian-vector product's direction does not depend on g_t.
+    needs_gradient = False
+
+    def begin_reverse(self):
+        runs, n_params = self.shape
+        n_iter, n_groups = self.sched.n_iter, self.sched.alphas.shape[2]
+        self._d_v, self._vec = self.zeros((runs, n_params)), self.zeros((runs, n_params))
+        self._d_sched = tuple(self.zeros((runs, n_iter, n_groups)) for _ in range(2))
+
+    def position_cotangents(self, d_x, t):
+        self.group_dot(d_x, self.v(), d_x, False, self._d_sched[0], t)
+        self.velocity_cotangent(self._d_v, d_x, t)
+
+    def direction(self, g, t):
+        self.hvp_direction(self._vec, self._d_v, t)
+        return self._vec
+
+    def unstep_moments(self, g, t):
+        self.unstep_velocity(g, t)
+
+    def moment_cotangents(self, d_x, g, hx, t):
+        self.group_dot(self._d_v, self.v(), g, True, self._d_sched[1], t)
+        self.after_hvp(d_x, hx, self._d_v, t)
+
+    def back_at_start(self, x0_state):
+        end = self.state()
+        return np.array_equal(end.x, x0_state) and not end.v.any()
+
+    def schedule_cotangents(self):
+        """(d_alphas, d_betas), each (B, T, G)."""
+        return self._d_sched
+
+
+class HostBackend:
+    """What the backends of host arrays with one CPU engine per setting (row) share.
+
+    Subclasses make ``self.engines`` and call :meth:`_setup`.  Each row has its own
+    engine, so a setting's coefficients stay scalars when its schedule row is
+    constant over groups (the engine's cheapest path) and its result is that of a
+    separate run by construction.
     """
 
     name = "cpu"
 
-    def __init__(self, x0, sched: Schedules, frac_bits):
+    def _setup(self, x0, sched):
         self.shape = x0.shape
         self.sched = sched
-        self.engines = [ReversibleMomentum(row, frac_bits=frac_bits) for row in x0]
         self._loops = _gpu_mlp.cpu_loops()
         self.groups = sched.groups
         n_groups = sched.alphas.shape[2]
-        self._bounds = counts = None
+        self._bounds = self._counts = None
         if np.all(self.groups[1:] >= self.groups[:-1]):  # contiguous blocks
             self._bounds = np.searchsorted(self.groups, np.arange(n_groups + 1)).astype(np.int64)
-            counts = np.diff(self._bounds)
-        self._alpha = [_Coefficients(sched.alphas[b:b + 1], self.groups, e.prepare_alpha, counts)
-                       for b, e in enumerate(self.engines)]
-        self._beta = [_Coefficients(sched.betas[b:b + 1], self.groups, e.prepare_beta, counts)
-                      for b, e in enumerate(self.engines)]
-        self._alpha_values = _Coefficients(sched.alphas, self.groups, self._shaped, counts)
-        self._beta_values = _Coefficients(
-            sched.betas_eff, self.groups, lambda b: (self._shaped(b), self._shaped(-(1.0 - b))),
-            counts)
+            self._counts = np.diff(self._bounds)
+
+    def _per_engine(self, schedule, prepare):
+        """Row b's coefficients of a (B, T, G) schedule, prepared by engine b's method
+        named ``prepare``."""
+        return [_Coefficients(schedule[b:b + 1], self.groups, getattr(e, prepare), self._counts)
+                for b, e in enumerate(self.engines)]
+
+    def _values(self, schedule, prepare=None):
+        """The float values of a (B, T, G) schedule at t: scalars or (B, N) arrays (or
+        what ``prepare`` makes of one)."""
+        shaped = self._shaped if prepare is None else (lambda v: prepare(self._shaped(v)))
+        return _Coefficients(schedule, self.groups, shaped, self._counts)
 
     def _shaped(self, per_param):
         """A scalar, or a flat per-parameter row as (B, N)."""
@@ -205,6 +254,37 @@ class CpuBackend:
     def x(self):
         return self._rows("x")
 
+    def _each(self, call):
+        for b, engine in enumerate(self.engines):
+            try:
+                call(b, engine)
+            except (OverflowError, FloatingPointError, ValueError, RuntimeError) as err:
+                if len(self.engines) == 1:
+                    raise
+                raise type(err)(f"setting {b}: {err}") from None
+
+    def group_dot(self, a, c, e, use_e, out, t):
+        """``out[:, t, group] = per-group sums of a * (c + e)`` (``a * c`` without ``use_e``)."""
+        if self._bounds is not None:
+            runs, n_groups = self.shape[0], self._bounds.shape[0] - 1
+            self.run("group_dot", runs * n_groups, a, c, e, use_e, self._bounds, out,
+                     np.int64(t))
+        else:
+            _group_sums(a, c, e, use_e, self.groups, out, np.int64(t))
+
+
+class CpuBackend(MomentumRule, HostBackend):
+    """One :class:`ReversibleMomentum` per setting (row); host arrays."""
+
+    def __init__(self, x0, sched: Schedules, frac_bits):
+        self.engines = [ReversibleMomentum(row, frac_bits=frac_bits) for row in x0]
+        self._setup(x0, sched)
+        self._alpha = self._per_engine(sched.alphas, "prepare_alpha")
+        self._beta = self._per_engine(sched.betas, "prepare_beta")
+        self._alpha_values = self._values(sched.alphas)
+        self._beta_values = self._values(sched.betas_eff,
+                                         lambda b: (b, -(1.0 - b)))
+
     def v(self):
         return self._rows("v")
 
@@ -220,15 +300,6 @@ class CpuBackend:
         worst = self.sched.worst_column()[:, None]
         for e in self.engines:
             e.reserve(self.sched.n_iter, worst)
-
-    def _each(self, call):
-        for b, engine in enumerate(self.engines):
-            try:
-                call(b, engine)
-            except (OverflowError, FloatingPointError, ValueError, RuntimeError) as err:
-                if len(self.engines) == 1:
-                    raise
-                raise type(err)(f"setting {b}: {err}") from None
 
     def step(self, g, t):
         self._each(lambda b, e: e.step(g[b], self._alpha[b][t], self._beta[b][t]))
@@ -249,15 +320,6 @@ class CpuBackend:
         return EngineState(*(np.stack([getattr(s, f) for s in states])
                              for f in ("x", "v", "coder", "height")), words)
 
-    def group_dot(self, a, c, e, use_e, out, t):
-        """``out[:, t, group] = per-group sums of a * (c + e)`` (``a * c`` without ``use_e``)."""
-        if self._bounds is not None:
-            runs, n_groups = self.shape[0], self._bounds.shape[0] - 1
-            self.run("group_dot", runs * n_groups, a, c, e, use_e, self._bounds, out,
-                     np.int64(t))
-        else:
-            _group_sums(a, c, e, use_e, self.groups, out, np.int64(t))
-
     # The reverse pass's element-wise steps: each one IEEE operation per element, as in
     # the per-thread kernels of the GPU, so the bits are the same.
     def velocity_cotangent(self, d_v, d_x, t):
@@ -274,18 +336,24 @@ class CpuBackend:
         d_v *= self._beta_values[t][0]
 
 
-
 class BatchedObjective:
     """What :func:`forward` and :func:`reverse` call for B runs at once:
 
     ``grad(x, t) -> g`` and ``grad_and_hvp(x, t, vec) -> (g, H vec)`` on (B, N)
-    backend arrays, row b for run b, accumulating meta cotangents on the side; and
-    :meth:`session`, held around each pass.
+    backend arrays, row b for run b, accumulating meta cotangents on the side;
+    :meth:`grad_then_hvp`, when the direction depends on g; and :meth:`session`,
+    held around each pass.
     """
 
     def session(self):
         """A context manager held around a whole pass (default: nothing)."""
         return contextlib.nullcontext()
+
+    def grad_then_hvp(self, x, t, direction):
+        """``(g, H u)`` with ``u = direction(g)`` a function of the gradient itself (Adam's
+        reverse pass).  By default the gradient, then :meth:`grad_and_hvp` (which
+        computes it again, the same bits)."""
+        return self.grad_and_hvp(x, t, direction(self.grad(x, t)))
 
 
 class RowObjectives(BatchedObjective):
@@ -368,8 +436,16 @@ class Reversed(NamedTuple):
     """What the reverse pass returns, as backend arrays."""
 
     d_x0: object  # (B, N)
-    d_alphas: object  # (B, T, G)
-    d_betas: object  # (B, T, G), through the effective decays
+    d_schedules: tuple  # (B, T, G) each, in the backend's order: alphas, then the decays
+
+    @property
+    def d_alphas(self):
+        return self.d_schedules[0]
+
+    @property
+    def d_betas(self):
+        """Momentum's decays (through the effective decays)."""
+        return self.d_schedules[1]
 
 
 def reverse(be, objective, d_x, x0_state, progress=False):
@@ -377,33 +453,34 @@ def reverse(be, objective, d_x, x0_state, progress=False):
 
     ``d_x`` is the (B, N) cotangent of x_T (it is not overwritten); ``x0_state`` the
     engine's fixed-point x at the start, to check that the reverse pass came back to
-    it bit for bit.
+    it bit for bit.  The update rule's local steps are the backend's
+    (:class:`MomentumRule`, :class:`~.adam.AdamRule`); one iteration back is:
+    the cotangents that the position update sends to the schedule and the optimiser
+    state; undo the position; the gradient at x_t with one Hessian-vector product;
+    undo the optimiser state with that gradient; the cotangents of the state update.
     """
-    runs, n_params = be.shape
-    n_iter, n_groups = be.sched.n_iter, be.sched.alphas.shape[2]
+    n_iter = be.sched.n_iter
     d_x = be.own(d_x, "d_x")
-    d_v, vec = be.zeros((runs, n_params)), be.zeros((runs, n_params))
-    d_alphas = be.zeros((runs, n_iter, n_groups))
-    d_betas = be.zeros((runs, n_iter, n_groups))
+    be.begin_reverse()
     with objective.session():
         for t in _progress(range(n_iter - 1, -1, -1), progress, "reverse", n_iter):
-            be.group_dot(d_x, be.v(), d_x, False, d_alphas, t)
+            be.position_cotangents(d_x, t)
             try:
                 be.unstep_position(t)
             except (OverflowError, FloatingPointError, RuntimeError) as err:
                 raise _at_iteration(err, t, "reverse pass, ") from None
-            be.velocity_cotangent(d_v, d_x, t)
-            be.hvp_direction(vec, d_v, t)
-            g, hx = objective.grad_and_hvp(be.x(), t, vec)
+            x = be.x()
+            if be.needs_gradient:
+                g, hx = objective.grad_then_hvp(x, t, lambda g: be.direction(g, t))
+            else:
+                g, hx = objective.grad_and_hvp(x, t, be.direction(None, t))
             try:
-                be.unstep_velocity(g, t)
+                be.unstep_moments(g, t)
             except (OverflowError, FloatingPointError, RuntimeError) as err:
                 raise _at_iteration(err, t, "reverse pass, ") from None
-            be.group_dot(d_v, be.v(), g, True, d_betas, t)
-            be.after_hvp(d_x, hx, d_v, t)
-    end = be.state()
-    if not (np.array_equal(end.x, x0_state) and not end.v.any()):
+            be.moment_cotangents(d_x, g, hx, t)
+    if not be.back_at_start(x0_state):
         raise SgdRecovery("the reverse pass did not recover x0 bit for bit; the loss (or "
                           "gradient functions) and minibatches must be deterministic in "
                           "(x, meta, t)")
-    return Reversed(d_x, d_alphas, d_betas)
+    return Reversed(d_x, be.schedule_cotangents())
