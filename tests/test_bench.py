@@ -39,6 +39,8 @@ SHRINK = {
     "CompiledVsAutogradObjective": {"n_iter": 3},
     "SweepVsSeparateRuns": {"runs": 2, "n_iter": 3},
     "HypergradMemoryGrowth": {"base_T": 2, "params": [4]},
+    "AdamBufferBits": {"n_iter": 50},
+    "AdamHypergradVsNaive": {"n_iter": 3},
 }
 
 

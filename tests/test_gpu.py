@@ -52,6 +52,9 @@ def test_kernels_compile_to_ptx_without_contracted_multiply_adds():
     assert set(report["kernels"]) >= {"step", "decay", "position", "undecay", "to_fixed"}
     # the float -> fixed roundings must not be fused with the products before them
     assert all(k["fma_f64"] == 0 for k in report["kernels"].values()), report["kernels"]
+    # Adam's position: IEEE square root and division, as on the CPU
+    assert all(k["approx_f64"] == 0 for k in report["kernels"].values()), report["kernels"]
+    assert "adam_position" in report["kernels"]
 
 
 @pytest.mark.skipif(gpu_available(), reason="a GPU (or the simulator) is usable here")

@@ -97,6 +97,7 @@ beta_constants = _device(_arith.beta_constants)
 forward_velocity = _device(_arith.forward_velocity)
 reverse_velocity = _device(_arith.reverse_velocity)
 move_position = _device(_arith.move_position)
+move_adam = _device(_arith.move_adam)
 
 
 @cuda.jit(device=True)
@@ -179,6 +180,25 @@ def position(x, v, alpha, alpha_value, alpha_mode, sign, n_params, masked, statu
         return
     a = _coef(alpha, alpha_value, alpha_mode, j, j // n_params)
     xn, ok = move_position(x[j], v[j], a, np.int64(sign))
+    if ok:
+        x[j] = xn
+    else:
+        _fail(status, flags, j, FAIL)
+
+
+@cuda.jit
+def adam_position(x, m, s, alpha, alpha_value, alpha_mode, eps, inv_scale_m, inv_scale_s,
+                  scale, sign, n_params, masked, status, flags):
+    """Adam's ``x <- x - sign * alpha * m / (sqrt(s) + eps)`` (sign +1 forward, -1 to
+    undo): the twin of the CPU kernel, on the same :func:`._arith.adam_delta`.  Adam's
+    moments are decayed by :func:`decay` / :func:`undecay`.  (No GPU Adam engine
+    launches it yet.)"""
+    j = np.int64(cuda.grid(1))
+    if j >= x.shape[0] or (masked and status[j] != OK):
+        return
+    a = _coef(alpha, alpha_value, alpha_mode, j, j // n_params)
+    xn, ok = move_adam(x[j], m[j], s[j], a, eps, inv_scale_m, inv_scale_s, scale,
+                       np.int64(sign))
     if ok:
         x[j] = xn
     else:

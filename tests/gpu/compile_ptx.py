@@ -11,7 +11,7 @@ numba-cuda looks libdevice up together with NVRTC, which may be missing.  Where
 a patch point or a library is missing, the script reports ``skip``, not failure.
 
 Output: one JSON line, ``{"status": "ok" | "skip" | "fail", "reason": ...,
-"kernels": {name: {"fma_f64": n, "lines": n}}}``.
+"kernels": {name: {"fma_f64": n, "approx_f64": n, "lines": n}}}``.
 """
 
 import glob
@@ -67,6 +67,8 @@ def _kernel_arguments(gk):
                  u8, flags),
         "decay": (i64, u64, i32, words, f64, *beta, *common, np.int64(0), False, u8, flags),
         "position": (i64, i64, *alpha, np.int64(-1), np.int64(n), False, u8, flags),
+        "adam_position": (i64, i64, i64, *alpha, 1e-8, 1.0, 1.0, 1.0, np.int64(1), np.int64(n),
+                          False, u8, flags),
         "undecay": (i64, u64, i32, words, f64, *beta, *common, False, u8, flags),
         "to_fixed": (f64, 1.0, i64, u8, flags),
         "to_float": (i64, 1.0, f64),
@@ -101,7 +103,11 @@ def main():
             _report("fail", f"{name}: {type(exc).__name__}: {exc}", kernels)
         except Exception as exc:  # NVVM or a library missing: the environment, not the code
             _report("skip", f"{name}: {type(exc).__name__}: {exc}", kernels)
-        kernels[name] = {"fma_f64": ptx.count("fma.rn.f64"), "lines": ptx.count("\n")}
+        kernels[name] = {"fma_f64": ptx.count("fma.rn.f64"), "lines": ptx.count("\n"),
+                         # square roots and divisions not rounded by IEEE (approximations)
+                         "approx_f64": sum(ptx.count(op) for op in ("sqrt.approx",
+                                                                     "div.approx",
+                                                                     "div.full"))}
     _report("ok", "", kernels)
 
 

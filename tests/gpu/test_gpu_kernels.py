@@ -384,3 +384,33 @@ def test_prepared_values_and_bool_frac_bits_are_refused():
     for frac_bits in (True, False, 1.0):
         with pytest.raises(ValueError, match=r"frac_bits must be an integer in \[0, 60\]"):
             BatchedReversibleMomentum(np.zeros((2, 3)), frac_bits=frac_bits)
+
+
+def test_adam_position_kernel_equals_the_cpu_kernel():
+    """Adam's position update, GPU kernel against the CPU kernel on the same integers:
+    the one ``_arith.adam_delta`` compiled for both (forward and undo, with ties,
+    zero moments and refused elements)."""
+    from hypergrad_fast.engine import _cpu_kernels as ck, _gpu_kernels as gk
+
+    rng = np.random.default_rng(11)
+    n = 40
+    x = rng.integers(-2**53, 2**53, n)
+    m = rng.integers(-2**50, 2**50, n)
+    s = rng.integers(0, 2**58, n)
+    m[::5], s[::5] = 0, 0  # zero moments: no move
+    s[1::7] = 0  # m / eps: refused where it leaves the range
+    alpha = rng.uniform(0.0, 0.2, n)
+    alpha[::3] = 0.125  # dyadic: rounding ties
+    for sign in (1, -1):
+        x_cpu, status = x.copy(), np.zeros(-(-n // 8) * 8, np.uint8)
+        first_fail = np.empty(1, np.int64)
+        ck.adam_position.serial(x_cpu, m, s, alpha, 1e-8, 2.0**-52, 2.0**-60, 2.0**52,
+                                np.int64(sign), status, np.int64(n), first_fail)
+        x_gpu, gstatus = cuda.to_device(x.copy()), cuda.to_device(np.zeros(n, np.uint8))
+        flags = cuda.to_device(np.array([n, 0], np.int64))
+        gk.launch(gk.adam_position, n, x_gpu, cuda.to_device(m), cuda.to_device(s),
+                  cuda.to_device(alpha), 0.0, gk.PER_ELEMENT, 1e-8, 2.0**-52, 2.0**-60,
+                  2.0**52, np.int64(sign), np.int64(n), False, gstatus, flags)
+        np.testing.assert_array_equal(x_gpu.copy_to_host(), x_cpu)
+        np.testing.assert_array_equal(gstatus.copy_to_host() != 0, status[:n] != 0)
+        assert (status[:n] != 0).any() and (x_cpu != x).any()
