@@ -41,6 +41,7 @@ SHRINK = {
     "HypergradMemoryGrowth": {"base_T": 2, "params": [4]},
     "AdamBufferBits": {"n_iter": 50},
     "AdamHypergradVsNaive": {"n_iter": 3},
+    "DistributedSweep": {"runs": 4, "n_iter": 2, "repeats": 1, "overhead_chunks": 2},
 }
 
 

@@ -49,7 +49,7 @@ def _run(name, out, *extra):
 
 def test_every_experiment_of_the_issue_is_registered():
     assert list(EXPERIMENTS) == ["schedules", "init-scales", "l2-per-weight", "learned-data",
-                                 "multitask", "chaos", "all"]
+                                 "multitask", "chaos", "search", "all"]
 
 
 @pytest.mark.parametrize("name", NAMES)

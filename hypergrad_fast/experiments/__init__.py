@@ -10,7 +10,9 @@ results.json with the gallery keys, figures, common flags) lives in :mod:`._runn
 penalty per logistic-regression weight vs one shared; ``learned-data`` ten learned
 training images vs ten real ones; ``multitask`` learned weight sharing across ten related tasks vs separate and tied
 networks; ``chaos`` validation loss and its hypergradient on
-a grid of learning rates, where the hypergradient turns rough near the best; ``all`` runs them all and writes an offline gallery.
+a grid of learning rates, where the hypergradient turns rough near the best; ``search`` a
+gradient-refined random or grid search of four hyperparameters, in process or on a Dask
+cluster; ``all`` runs them all and writes an offline gallery.
 """
 
 from ._args import Experiment
@@ -22,11 +24,12 @@ from .l2_per_weight import EXPERIMENT as _L2_PER_WEIGHT
 from .learned_data import EXPERIMENT as _LEARNED_DATA
 from .multitask import EXPERIMENT as _MULTITASK
 from .chaos import EXPERIMENT as _CHAOS
+from .search import EXPERIMENT as _SEARCH
 from .gallery import EXPERIMENT as _ALL
 
 #: name -> :class:`Experiment`, one per subcommand.
 EXPERIMENTS = {e.name: e for e in (_SCHEDULES, _INIT_SCALES, _L2_PER_WEIGHT,
-                                   _LEARNED_DATA, _MULTITASK, _CHAOS, _ALL)}
+                                   _LEARNED_DATA, _MULTITASK, _CHAOS, _SEARCH, _ALL)}
 
 __all__ = ["EXPERIMENTS", "Experiment", "ConfigError", "QUICK", "SchedulesConfig",
            "SchedulesProblem", "run_schedules"]

@@ -400,13 +400,20 @@ _DATA_HELP = ("folder of the standard MNIST IDX files (train-images-idx3-ubyte, 
 
 
 def add_common_arguments(p: argparse.ArgumentParser, name: str, defaults: BaseConfig,
-                         quick: dict, quick_time: str) -> argparse._ArgumentGroup:
+                         quick: dict, quick_time: str,
+                         out_help: Optional[str] = None) -> argparse._ArgumentGroup:
     """Add the flags every experiment has to ``p``; returns the "problem size"
-    group for the experiment's own size flags.  ``quick``: the --quick settings."""
+    group for the experiment's own size flags.  ``quick``: the --quick settings.
+    ``out_help``: for an experiment whose default folder depends on other flags,
+    the help of --out, which then defaults to None (the experiment picks the folder)."""
     quick_text = ", ".join(f"{k}={v}" for k, v in quick.items())
     p.add_argument("--quick", action="store_true",
                    help=f"a short run (about {quick_time}): {quick_text} unless given")
-    p.add_argument("--out", default=f"out/{name}", help="output folder (default: %(default)s)")
+    if out_help is None:
+        p.add_argument("--out", default=f"out/{name}",
+                       help="output folder (default: %(default)s)")
+    else:
+        p.add_argument("--out", default=None, help=out_help)
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint in --out (starts fresh if there is "
                         "none; refuses a checkpoint of different settings)")

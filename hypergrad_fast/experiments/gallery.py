@@ -1,8 +1,9 @@
 """The ``all`` subcommand: every registered experiment in turn, then one HTML page.
 
 ``hypergrad-fast all --out DIR`` runs each experiment of
-:data:`hypergrad_fast.experiments.EXPERIMENTS` (except ``all`` itself) into
-``DIR/NAME`` through the command line's own path, :func:`hypergrad_fast.cli.main`,
+:data:`hypergrad_fast.experiments.EXPERIMENTS` (except ``all`` itself), and each
+of :data:`VARIANTS` after its experiment, into ``DIR/NAME`` through the command
+line's own path, :func:`hypergrad_fast.cli.main`,
 so its exit code is the one a shell would see; a failed experiment is recorded and
 the others still run. ``DIR/runs.json`` keeps each run's command, exit code, error
 and wall time, and ``DIR/index.html`` shows every experiment's summary, figures and
@@ -53,6 +54,15 @@ MAX_LIST = 20
 MAX_ROWS = 300
 #: Characters of a string value shown at most.
 MAX_TEXT = 500
+#: Gallery entries that run a registered experiment again with other flags:
+#: entry name -> (subcommand, its extra arguments).  Each runs right after its
+#: experiment, into OUT/ENTRY, when that experiment is registered.
+VARIANTS = {"schedules-adam": ("schedules", ("--optimizer", "adam"))}
+
+
+def _subcommand(name: str) -> str:
+    """The subcommand that makes gallery entry ``name`` (its own name unless a variant)."""
+    return VARIANTS[name][0] if name in VARIANTS else name
 
 
 # --------------------------------------------------------------------------
@@ -193,9 +203,9 @@ def _read_results(entry: GalleryEntry, folder: Path, results: dict) -> list:
                if key not in results]
     if missing:
         entry.notes.append(f"{RESULTS} has no " + ", ".join(f'"{k}"' for k in missing))
-    if "experiment" in results and results["experiment"] != name:
+    if "experiment" in results and results["experiment"] != _subcommand(name):
         entry.notes.append(f'{RESULTS} says "experiment": {results["experiment"]!r}, '
-                           f"not {name!r}")
+                           f"not {_subcommand(name)!r}")
     if isinstance(results.get("command"), str):
         entry.command = results["command"]
     summary = results.get("summary", {})
@@ -475,8 +485,10 @@ def _last_message(tail: str, name: str) -> Optional[str]:
 
 def experiment_argv(name: str, out, *, quick: bool = False, data=None,
                     progress: bool = True) -> list:
-    """The command-line arguments that run experiment ``name`` into folder ``out``."""
-    argv = [name, "--out", str(out)]
+    """The command-line arguments that run experiment ``name`` (or variant, see
+    :data:`VARIANTS`) into folder ``out``."""
+    command, extra = VARIANTS.get(name, (name, ()))
+    argv = [command, "--out", str(out), *extra]
     if quick:
         argv.append("--quick")
     if data is not None:
@@ -499,7 +511,7 @@ def _run_one(argv: list, name: str) -> tuple:
         traceback.print_exc()
         return 1, f"{type(exc).__name__}: {exc}"
     code = 0 if code is None else code
-    return code, (_last_message(tee.tail, name) if code else None)
+    return code, (_last_message(tee.tail, _subcommand(name)) if code else None)
 
 
 def _write_runs(out: Path, runs: dict) -> None:
@@ -509,9 +521,9 @@ def _write_runs(out: Path, runs: dict) -> None:
 
 def run_all(out_dir, names=None, *, quick: bool = False, data=None,
             progress: bool = True, log: Optional[Callable] = None) -> tuple:
-    """Run experiments ``names`` (default: every registered one but ``all``) into
-    ``out_dir/NAME``, one after another, each through the CLI; then write
-    ``out_dir/index.html``. Returns (entries, interrupted).
+    """Run experiments ``names`` (default: every registered one but ``all``, each
+    followed by its :data:`VARIANTS`) into ``out_dir/NAME``, one after another, each
+    through the CLI; then write ``out_dir/index.html``. Returns (entries, interrupted).
 
     Records every run in ``out_dir/runs.json`` as it finishes (records of experiments
     not run now are kept, so the page still shows them). On Ctrl-C the page is written
@@ -521,6 +533,9 @@ def run_all(out_dir, names=None, *, quick: bool = False, data=None,
     from ..cli import PROG
     log = log or (lambda msg: None)
     known = [n for n in EXPERIMENTS if n != NAME]
+    for variant, (command, _) in VARIANTS.items():
+        if command in known:
+            known.insert(known.index(command) + 1, variant)
     names = list(dict.fromkeys(known if names is None else names))  # each once
     unknown = [n for n in names if n not in known]
     if unknown:

@@ -6,9 +6,11 @@
 together, on the CPU or a GPU (``_cuda``), or in chunks on a Dask cluster (``_dask``).
 """
 
+from ._dask import SchedulerLostError, local_cluster
 from .adam import adam
 from .algorithm import SgdRecovery
 from .sgd import sgd
 from .sweep import SweepResult, sweep
 
-__all__ = ["SgdRecovery", "SweepResult", "adam", "sgd", "sweep"]
+__all__ = ["SchedulerLostError", "SgdRecovery", "SweepResult", "adam", "local_cluster", "sgd",
+           "sweep"]

@@ -32,7 +32,9 @@ class _OneBlasThread:
 
     The kernels split the work across cores themselves; BLAS threads on top of that
     oversubscribe the cores (measured here: 5-10x slower).  Results do not depend on
-    the thread count.  The libraries' own setters are called directly: a
+    the kernels' thread count; a multithreaded BLAS call would change them (its sums in
+    another order: seen in the last bits of a 1,000-example validation gradient), so
+    every kernel call runs under this.  The libraries' own setters are called directly: a
     ``threadpool_limits`` scan of the loaded libraries at every call costs more than
     a small minibatch's gradient.  Re-entrant: the outermost ``with`` sets and
     restores, so a whole pass holds one setting (switching BLAS back to its threads
@@ -242,7 +244,11 @@ class CompiledMLPLoss(Objective):
         inputs = self.inputs if inputs is None else np.ascontiguousarray(inputs, np.float64)
         targets = self.targets if targets is None else np.ascontiguousarray(targets, np.float64)
         g = np.empty(self._size)
-        value = kernels.value_grad(np.ascontiguousarray(x, dtype=np.float64), inputs, targets,
-                                   self._sizes, self._w_off, self._b_off, self._relu, g,
-                                   len(inputs), kernels.ALL_COLUMNS)
+        # One BLAS thread, as in the passes: a multithreaded BLAS sums in another order,
+        # so the bits would depend on the threads the process's BLAS started with (a
+        # Dask worker's start with one).
+        with _one_blas_thread:
+            value = kernels.value_grad(np.ascontiguousarray(x, dtype=np.float64), inputs,
+                                       targets, self._sizes, self._w_off, self._b_off,
+                                       self._relu, g, len(inputs), kernels.ALL_COLUMNS)
         return value, g
