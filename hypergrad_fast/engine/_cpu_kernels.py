@@ -437,7 +437,9 @@ undecay = _Kernel(_undecay)
 # above (``decay`` / ``undecay``, each with its own coder and stacks); only the
 # position update is Adam's own.
 
-@njit(cache=True)
+# error_model="numpy": the quotient's denominator is >= eps > 0, and Python's
+# zero-division check (a branch per element) would stop the loop from vectorising.
+@njit(cache=True, error_model="numpy")
 def _adam_position_loop(x, m, s, alpha, eps, inv_scale_m, inv_scale_s, scale, sign, status):
     n_bad = 0
     for i in range(x.shape[0]):

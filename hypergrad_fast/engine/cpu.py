@@ -197,6 +197,12 @@ class FixedPointInputs:
             arg = arg.copy()  # what was validated must not change with the caller's array
         return _made("alpha", self.size, None, arg)
 
+    def _prepare_checked_alpha(self, alpha):
+        """:meth:`prepare_alpha` of a value its caller has already checked: a finite float,
+        or a fresh finite float64 (N,) array that nobody else holds (a schedule's row,
+        expanded; the passes validate whole schedules up front)."""
+        return _made("alpha", self.size, None, float(alpha) if np.ndim(alpha) == 0 else alpha)
+
     def _prepared(self, value, name):
         """A :class:`Prepared` ``value`` checked for use as ``name`` on this engine."""
         if not value._made_by_engine:

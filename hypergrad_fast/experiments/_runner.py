@@ -36,6 +36,7 @@ from autograd.tracer import getval
 from ..data import MNIST_ENV, load_mnist
 from ..metaopt import (CheckpointError, MetaResult, atomic_write, load_checkpoint, optimize,
                        remove_stale_temps)
+from ..objectives.compiled import one_blas_thread
 from ._args import (ConfigError, existing_folder, int_at_least, positive_float,
                     prepare_out_dir)
 
@@ -207,9 +208,13 @@ class MnistProblem:
     def evaluate(self, x) -> dict:
         """Loss (nats per example) and error (fraction) of weights x on every split."""
         out = {}
+        x = np.asarray(x)
         for name, split in zip(SPLITS, self.data):
-            out[f"{name}_loss"] = float(self.model.loss(x, split.inputs, split.targets))
-            out[f"{name}_error"] = self.model.error(x, split.inputs, split.targets)
+            # one forward pass for both: the arithmetic of model.loss and model.error
+            log_probs = self.model.log_probs(x, split.inputs)
+            out[f"{name}_loss"] = float(-np.mean(np.sum(log_probs * split.targets, axis=1)))
+            labels = np.argmax(split.targets, axis=1)
+            out[f"{name}_error"] = float(np.mean(np.argmax(log_probs, axis=1) != labels))
         return out
 
     def record(self, h, value, grad) -> dict:
@@ -274,11 +279,15 @@ def meta_optimize(problem: MnistProblem, config: BaseConfig, checkpoint, *, resu
         # not be refused by another variant that had already finished.
         if resume:
             step_size = finished_step_size(checkpoint, config.meta_iters) or step_size
-    return optimize(problem.hyperloss_and_grad, problem.initial(), config.meta_iters,
-                    step_size, config=key,
-                    checkpoint=checkpoint, resume=resume, record_fn=problem.record,
-                    record_keys=problem.record_keys, progress=progress,
-                    loss_name="valid_loss", desc=desc)
+    # BLAS on one thread throughout, not only inside the passes: a multithreaded BLAS
+    # call in between (the validation loss) leaves its threads spinning on the other
+    # core for about 0.1 s, where the passes' kernels run.
+    with one_blas_thread():
+        return optimize(problem.hyperloss_and_grad, problem.initial(), config.meta_iters,
+                        step_size, config=key,
+                        checkpoint=checkpoint, resume=resume, record_fn=problem.record,
+                        record_keys=problem.record_keys, progress=progress,
+                        loss_name="valid_loss", desc=desc)
 
 
 def records_json(result: MetaResult) -> dict:

@@ -8,14 +8,17 @@ local steps (:class:`AdamRule`).  Memory is that of the two information buffers,
 about ``log2(1/b1) + log2(1/b2)`` bits per parameter per iteration.
 """
 
+import math
 from typing import NamedTuple
 
 import numpy as np
+from numba import njit
 
 from ..engine import ReversibleAdam, effective_beta, information_bound
+from ..engine._cpu_kernels import _at
 from ..engine._wrapper import check_frac_bits
 from ..engine.adam import S_FRAC_BITS
-from .algorithm import HostBackend
+from .algorithm import HostBackend, _flat
 from .sgd import train
 
 __all__ = ["adam", "AdamSchedules", "AdamCpuBackend"]
@@ -81,32 +84,30 @@ class AdamRule:
         runs, n_params = self.shape
         n_iter, n_groups = self.sched.n_iter, self.sched.alphas.shape[2]
         self._d_m, self._d_s = np.zeros((runs, n_params)), np.zeros((runs, n_params))
+        self._scratch = np.empty((runs, n_params)), np.empty((runs, n_params))
         self._d_sched = tuple(np.zeros((runs, n_iter, n_groups)) for _ in range(3))
 
     def position_cotangents(self, d_x, t):
-        m, s, alpha = self._rows("m"), self._rows("s"), self._alpha_values[t]
-        root = np.sqrt(s)
-        denom = root + self.eps
-        u = m / denom
-        np.negative(u, out=u)
-        self.group_dot(d_x, u, d_x, False, self._d_sched[0], t)
-        scaled = alpha * d_x / denom
-        self._d_m -= scaled
-        with np.errstate(divide="ignore", invalid="ignore"):
-            d_s = np.where(s > 0.0, scaled * m / (2.0 * root * denom), 0.0)
-        self._d_s += d_s
+        m, s = self._rows("m"), self._rows("s")
+        neg_u = self._scratch[0]
+        _position_cotangents(d_x.ravel(), m.ravel(), s.ravel(), _flat(self._alpha_values[t]),
+                             self.eps, neg_u.ravel(), self._d_m.ravel(), self._d_s.ravel())
+        self.group_dot(d_x, neg_u, d_x, False, self._d_sched[0], t)
 
     def direction(self, g, t):
-        b1, b2 = self._b1_values[t], self._b2_values[t]
-        return (1.0 - b1) * self._d_m + (2.0 * (1.0 - b2)) * g * self._d_s
+        w = self._scratch[0]
+        _direction(g.ravel(), self._d_m.ravel(), self._d_s.ravel(),
+                   _flat(self._b1_values[t]), _flat(self._b2_values[t]), w.ravel())
+        return w
 
     def moment_cotangents(self, d_x, g, hx, t):
         m, s = self._rows("m"), self._rows("s")
-        self.group_dot(self._d_m, m, -g, True, self._d_sched[1], t)
-        self.group_dot(self._d_s, s, -(g * g), True, self._d_sched[2], t)
-        d_x += hx
-        self._d_m *= self._b1_values[t]
-        self._d_s *= self._b2_values[t]
+        neg_g, neg_g2 = self._scratch
+        _negated_terms(g.ravel(), neg_g.ravel(), neg_g2.ravel())
+        self.group_dot(self._d_m, m, neg_g, True, self._d_sched[1], t)
+        self.group_dot(self._d_s, s, neg_g2, True, self._d_sched[2], t)
+        _decay_cotangents(d_x.ravel(), hx.ravel(), self._d_m.ravel(), self._d_s.ravel(),
+                          _flat(self._b1_values[t]), _flat(self._b2_values[t]))
 
     def back_at_start(self, x0_state):
         end = self.state()
@@ -117,6 +118,46 @@ class AdamRule:
         return self._d_sched
 
 
+# The reverse pass's element-wise work, one loop each over the flat (B * N) arrays;
+# a coefficient is a scalar or a flat per-element array.  error_model="numpy": the
+# denominators are >= eps > 0, and Python's zero-division checks would stop the
+# loops from vectorising.
+@njit(cache=True, error_model="numpy")
+def _position_cotangents(d_x, m, s, alpha, eps, neg_u, d_m, d_s):
+    """``neg_u = -m / (sqrt(s) + eps)``; the cotangents that ``x - alpha u`` sends to m, s."""
+    for i in range(d_x.shape[0]):
+        root = math.sqrt(s[i])
+        denom = root + eps
+        neg_u[i] = -(m[i] / denom)
+        scaled = _at(alpha, i) * d_x[i] / denom
+        d_m[i] -= scaled
+        to_s = scaled * m[i] / (2.0 * root * denom)
+        d_s[i] += to_s if s[i] > 0.0 else 0.0  # s = 0: every gradient so far was 0
+
+
+@njit(cache=True, error_model="numpy")
+def _direction(g, d_m, d_s, b1, b2, out):
+    """``out = (1 - b1) d_m + 2 (1 - b2) g d_s``: the cotangent of g_t."""
+    for i in range(g.shape[0]):
+        out[i] = (1.0 - _at(b1, i)) * d_m[i] + (2.0 * (1.0 - _at(b2, i))) * g[i] * d_s[i]
+
+
+@njit(cache=True)
+def _negated_terms(g, neg_g, neg_g2):
+    for i in range(g.shape[0]):
+        neg_g[i] = -g[i]
+        neg_g2[i] = -(g[i] * g[i])
+
+
+@njit(cache=True)
+def _decay_cotangents(d_x, hx, d_m, d_s, b1, b2):
+    """``d_x += H w``; ``d_m *= b1``; ``d_s *= b2``."""
+    for i in range(d_x.shape[0]):
+        d_x[i] += hx[i]
+        d_m[i] *= _at(b1, i)
+        d_s[i] *= _at(b2, i)
+
+
 class AdamCpuBackend(AdamRule, HostBackend):
     """One :class:`ReversibleAdam` per setting (row); host arrays."""
 
@@ -125,7 +166,7 @@ class AdamCpuBackend(AdamRule, HostBackend):
         self.engines = [ReversibleAdam(row, eps=eps, frac_bits=frac_bits,
                                        s_frac_bits=s_frac_bits) for row in x0]
         self._setup(x0, sched)
-        self._alpha = self._per_engine(sched.alphas, "prepare_alpha")
+        self._alpha = self._per_engine(sched.alphas, "_prepare_checked_alpha")
         self._b1 = self._per_engine(sched.b1s, "prepare_decay")
         self._b2 = self._per_engine(sched.b2s, "prepare_decay")
         self._alpha_values = self._values(sched.alphas)

@@ -32,6 +32,7 @@ import numpy as np
 from numba import njit
 
 from ..engine import EngineState, ReversibleMomentum, effective_beta, information_bound
+from ..engine._cpu_kernels import _at
 from ..engine.cpu import held_bits
 from ..objectives import _gpu_mlp
 
@@ -279,7 +280,7 @@ class CpuBackend(MomentumRule, HostBackend):
     def __init__(self, x0, sched: Schedules, frac_bits):
         self.engines = [ReversibleMomentum(row, frac_bits=frac_bits) for row in x0]
         self._setup(x0, sched)
-        self._alpha = self._per_engine(sched.alphas, "prepare_alpha")
+        self._alpha = self._per_engine(sched.alphas, "_prepare_checked_alpha")
         self._beta = self._per_engine(sched.betas, "prepare_beta")
         self._alpha_values = self._values(sched.alphas)
         self._beta_values = self._values(sched.betas_eff,
@@ -321,19 +322,44 @@ class CpuBackend(MomentumRule, HostBackend):
                              for f in ("x", "v", "coder", "height")), words)
 
     # The reverse pass's element-wise steps: each one IEEE operation per element, as in
-    # the per-thread kernels of the GPU, so the bits are the same.
+    # the per-thread kernels of the GPU, so the bits are the same (one compiled loop
+    # each; no fastmath, so no multiply-add is contracted).
     def velocity_cotangent(self, d_v, d_x, t):
         """``d_v += alpha_t * d_x``."""
-        d_v += self._alpha_values[t] * d_x
+        _add_product(d_v.reshape(-1), _flat(self._alpha_values[t]), d_x.reshape(-1))
 
     def hvp_direction(self, vec, d_v, t):
         """``vec = -(1 - beta_t) * d_v`` (beta_t the effective decay)."""
-        np.multiply(self._beta_values[t][1], d_v, out=vec)
+        _scaled(vec.reshape(-1), _flat(self._beta_values[t][1]), d_v.reshape(-1))
 
     def after_hvp(self, d_x, hx, d_v, t):
         """``d_x += hx``; ``d_v *= beta_t``."""
-        d_x += hx
-        d_v *= self._beta_values[t][0]
+        _add_and_scale(d_x.reshape(-1), hx.reshape(-1), d_v.reshape(-1),
+                       _flat(self._beta_values[t][0]))
+
+
+def _flat(coef):
+    """A scalar, or a (B, N) coefficient as a flat view."""
+    return coef if np.ndim(coef) == 0 else coef.reshape(-1)
+
+
+@njit(cache=True)
+def _add_product(out, coef, a):
+    for i in range(out.shape[0]):
+        out[i] += _at(coef, i) * a[i]
+
+
+@njit(cache=True)
+def _scaled(out, coef, a):
+    for i in range(out.shape[0]):
+        out[i] = _at(coef, i) * a[i]
+
+
+@njit(cache=True)
+def _add_and_scale(d_x, hx, d_v, coef):
+    for i in range(d_x.shape[0]):
+        d_x[i] += hx[i]
+        d_v[i] *= _at(coef, i)
 
 
 class BatchedObjective:

@@ -22,7 +22,7 @@ from .base import Objective
 from .batches import minibatch
 from .layout import block_offsets, group_bounds
 
-__all__ = ["CompiledMLPLoss"]
+__all__ = ["CompiledMLPLoss", "one_blas_thread"]
 
 _EMPTY = np.empty(0)
 
@@ -76,6 +76,12 @@ class _OneBlasThread:
 
 
 _one_blas_thread = _OneBlasThread()
+
+
+def one_blas_thread():
+    """The context manager that keeps every BLAS library of the process on one thread
+    while it is held (re-entrant): what the compiled objectives hold around each pass."""
+    return _one_blas_thread
 _NO_BOUNDS = np.empty(0, dtype=np.int64)
 
 
