@@ -5,7 +5,8 @@ e.g. ``schedules``, which meta-learns learning-rate schedules, momenta and init
 scales of an MLP on MNIST (the paper's 800-hyperparameter experiment).
 
 Exit codes: 0 done; 1 training diverged (the message says the command that continues
-with a smaller step size); 2 bad arguments, an output folder that cannot be written,
+with a smaller step size), or ``search`` lost its Dask scheduler (rerun with
+``--resume``); 2 bad arguments, a missing optional dependency (``dask``), an output folder that cannot be written,
 or a checkpoint that cannot be resumed (message on stderr, no traceback); 130
 interrupted.
 """

@@ -5,7 +5,8 @@ maps subcommand names to them, in the order the CLI lists them, and the CLI and 
 tests read it.  What they share (settings, data, the checkpointed meta-optimisation,
 results.json with the gallery keys, figures, common flags) lives in :mod:`._runner`.
 
-``schedules`` learned learning-rate schedules, momenta and init scales;
+``schedules`` learned learning-rate schedules, momenta and init scales (with
+``--optimizer adam``: Adam's alpha, b1 and b2 schedules);
 ``init-scales`` learned initial scales vs 1/sqrt(fan-in); ``l2-per-weight`` one L2
 penalty per logistic-regression weight vs one shared; ``learned-data`` ten learned
 training images vs ten real ones; ``multitask`` learned weight sharing across ten related tasks vs separate and tied
