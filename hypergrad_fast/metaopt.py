@@ -639,6 +639,7 @@ def optimize(hyperloss_and_grad: Callable, h0, n_iters: int, step_size: float = 
         bar = tqdm(total=n_iters, initial=min(len(rows), n_iters), desc=desc, unit="it")
     try:
         wall = rows[-1][keys.index("wall_time")] if rows else 0.0
+        previous = previous_grad = None  # h_{i-1}'s state and gradient, once stepped from
         while True:
             i = state.iteration
             if len(rows) == i:  # h_i is not evaluated yet (right after a resume it is)

@@ -30,16 +30,14 @@ from ._wrapper import (
     ExactEngine,
     StepOrder,
     buffer_error,
-    check_decays,
     check_frac_bits,
     check_iterations,
     held_bits,
-    information_bound,
     stack_contents,
     stack_rows,
 )
-from .cpu import FixedPointInputs, Prepared, _made, first_refused, grow_rows, kernel_buffers, \
-    run_growing
+from .cpu import (FixedPointInputs, Prepared, _made, first_refused, grow_rows, kernel_buffers,
+                  reserved_bits, run_growing)
 
 __all__ = ["ReversibleAdam", "AdamState", "S_FRAC_BITS"]
 
@@ -197,20 +195,8 @@ class ReversibleAdam(FixedPointInputs, StepOrder):
         (iterations, 1), in (0, 1] (as :meth:`ReversibleMomentum.reserve`'s beta).
         """
         iterations = check_iterations(iterations)
-        n = self.size
         for name, decay, moment in (("b1", b1, self._m), ("b2", b2, self._s)):
-            try:
-                bits = information_bound(check_decays(decay))
-            except ValueError as err:
-                raise ValueError(str(err).replace("beta", name, 1)) from None
-            if bits.shape in ((), (n,)):
-                per_param = bits * iterations
-            elif bits.shape in ((iterations,), (iterations, n), (iterations, 1)):
-                per_param = bits.sum(axis=0)
-            else:
-                raise ValueError(
-                    f"{name} must be a scalar or have shape ({n},), ({iterations},), "
-                    f"({iterations}, {n}) or ({iterations}, 1), got shape {bits.shape}")
+            per_param = reserved_bits(decay, iterations, self.size, name)
             grow_rows(moment.words, stack_rows(moment.held().max(), np.max(per_param)))
 
     # ----------------------------------------------------------------- inputs

@@ -131,6 +131,25 @@ def run_growing(kernel, args, status, first_fail, words, refused):
     status[status == k.SKIP] = k.OK
 
 
+def reserved_bits(decay, iterations, n, name):
+    """The bits that ``iterations`` steps at ``decay`` add per parameter, (N,) or a scalar.
+
+    ``decay`` is a scalar, (N,), or per step (iterations,), (iterations, N) or
+    (iterations, 1), every value in (0, 1] (ValueError naming ``name`` otherwise);
+    where a shape fits both readings (iterations == N), the per-parameter one wins.
+    """
+    try:
+        bits = information_bound(check_decays(decay))
+    except ValueError as err:
+        raise ValueError(str(err).replace("beta", name, 1)) from None
+    if bits.shape in ((), (n,)):
+        return bits * iterations
+    if bits.shape in ((iterations,), (iterations, n), (iterations, 1)):
+        return bits.sum(axis=0)
+    raise ValueError(f"{name} must be a scalar or have shape ({n},), ({iterations},), "
+                     f"({iterations}, {n}) or ({iterations}, 1), got shape {bits.shape}")
+
+
 def first_refused(status, first_fail):
     """The first element that a kernel refused (not merely ROOM), or -1."""
     bad = _first(first_fail)
@@ -323,16 +342,7 @@ class ReversibleMomentum(FixedPointInputs, ExactEngine):
         readings (iterations == N), the per-parameter reading wins.
         """
         iterations = check_iterations(iterations)
-        bits = information_bound(check_decays(beta))
-        n = self.size
-        if bits.shape in ((), (n,)):
-            per_param = bits * iterations
-        elif bits.shape in ((iterations,), (iterations, n), (iterations, 1)):
-            per_param = bits.sum(axis=0)
-        else:
-            raise ValueError(
-                f"beta must be a scalar or have shape ({n},), ({iterations},), "
-                f"({iterations}, {n}) or ({iterations}, 1), got shape {bits.shape}")
+        per_param = reserved_bits(beta, iterations, self.size, "beta")
         # The fullest stack decides: stacks fill at different rates with per-parameter betas.
         held = WORD_BITS * self._height + np.log2(self._coder.astype(np.float64)) \
             - STATE_LOW_BITS

@@ -25,6 +25,8 @@ import json
 import os
 import shlex
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Optional
@@ -154,6 +156,45 @@ def data_stamp(splits) -> str:
             digest.update(f"{arr.dtype.str}{arr.shape}".encode())
             digest.update(arr.data)
     return digest.hexdigest()
+
+
+def open_checkpoint(path, run_key: dict, version: int):
+    """The arrays of the experiment checkpoint at ``path`` (an ``.npz`` written with
+    ``format_version`` and the JSON ``run_key``), or None if there is none.
+
+    CheckpointError naming the file when it cannot be read, has no readable version
+    and settings, another format version, or was written with other settings.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
+        raise checkpoint_unusable(path, f"cannot read it as an .npz archive "
+                                        f"({type(err).__name__}: {err}); delete it to "
+                                        "start over") from None
+    try:
+        found = int(data["format_version"])
+        stored_key = json.loads(str(data["run_key"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise checkpoint_unusable(path, f"no readable format version and settings ({err})") \
+            from None
+    if found != version:
+        raise checkpoint_unusable(path, f"format version {found}, expected {version}")
+    if stored_key != run_key:
+        differ = sorted(k for k in set(stored_key) | set(run_key)
+                        if stored_key.get(k) != run_key.get(k))
+        raise CheckpointError(f"checkpoint {path} was written with other settings "
+                              f"(differing: {', '.join(differ)}); use another --out, or "
+                              "run without --resume to start over")
+    return data
+
+
+def checkpoint_unusable(path, why) -> CheckpointError:
+    """The error for a checkpoint at ``path`` that cannot be used, and why."""
+    return CheckpointError(f"checkpoint {path} is unusable: {why}")
 
 
 class MnistProblem:

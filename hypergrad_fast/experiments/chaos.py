@@ -30,21 +30,19 @@ import json
 import math
 import sys
 import time
-import zipfile
-import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
 from ..hypergrad import sweep
-from ..metaopt import CheckpointError, atomic_write
+from ..metaopt import atomic_write
 from ..models import MLP
 from ._args import ConfigError, Experiment, finite_float, int_at_least, widths
 from ._runner import (BaseConfig, MlpSizes, add_common_arguments, command_line, data_stamp,
                       load_splits, new_figure, prepare_out, print_summary, save_figure,
-                      settings_from_args, write_results)
+                      settings_from_args, write_results, open_checkpoint,
+                      checkpoint_unusable)
 
 __all__ = ["ChaosConfig", "QUICK", "GridSweep", "roughness", "log_learning_rates",
            "analyse_horizon", "sweep_grid", "run_chaos", "EXPERIMENT"]
@@ -362,32 +360,13 @@ def load_sweeps(path, run_key: dict, n_points: int) -> dict:
     """The finished sweeps ({(T, seed): GridSweep}) in the checkpoint at ``path``;
     {} if there is none.  CheckpointError naming the file when it is unreadable,
     malformed, or was written with other settings (``run_key``)."""
-    path = Path(path)
-    if not path.exists():
+    data = open_checkpoint(path, run_key, CHECKPOINT_VERSION)
+    if data is None:
         return {}
 
     def bad(why):
-        return CheckpointError(f"checkpoint {path} is unusable: {why}")
+        return checkpoint_unusable(path, why)
 
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            data = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
-        raise bad(f"cannot read it as an .npz archive ({type(err).__name__}: {err}); "
-                  "delete it to start over") from None
-    try:
-        version = int(data["format_version"])
-        stored_key = json.loads(str(data["run_key"]))
-    except (KeyError, TypeError, ValueError) as err:
-        raise bad(f"no readable format version and settings ({err})") from None
-    if version != CHECKPOINT_VERSION:
-        raise bad(f"format version {version}, expected {CHECKPOINT_VERSION}")
-    if stored_key != run_key:
-        differ = sorted(k for k in set(stored_key) | set(run_key)
-                        if stored_key.get(k) != run_key.get(k))
-        raise CheckpointError(f"checkpoint {path} was written with other settings "
-                              f"(differing: {', '.join(differ)}); use another --out, or "
-                              "run without --resume to start over")
     sweeps = {}
     names = {k.split("__")[0] for k in data if "__" in k}
     for name in sorted(names):

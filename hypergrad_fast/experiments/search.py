@@ -39,22 +39,20 @@ import json
 import math
 import sys
 import time
-import zipfile
-import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
 from ..hypergrad import SchedulerLostError, sweep
 from ..hypergrad._dask import connect, require_distributed
-from ..metaopt import AdamState, CheckpointError, adam_update, atomic_write
+from ..metaopt import AdamState, adam_update, atomic_write
 from ..models import MLP, LogisticRegression
 from ._args import ConfigError, Experiment, int_at_least, widths
 from ._runner import (BaseConfig, N_CLASSES, N_PIXELS, add_common_arguments, command_line,
                       data_stamp, load_splits, new_figure, prepare_out, print_summary,
-                      save_figure, settings_from_args, write_results)
+                      save_figure, settings_from_args, write_results, open_checkpoint,
+                      checkpoint_unusable)
 
 __all__ = ["SearchConfig", "QUICK", "HYPERPARAMETERS", "starting_points", "to_sweep_inputs",
            "chain_rule", "run_search", "EXPERIMENT"]
@@ -319,33 +317,13 @@ class SearchState:
         """The state in the checkpoint at ``path``; None if there is none.
         CheckpointError naming the file when it is unreadable, malformed or was
         written with other settings."""
-        path = Path(path)
-        if not path.exists():
+        data = open_checkpoint(path, run_key, CHECKPOINT_VERSION)
+        if data is None:
             return None
 
         def bad(why):
-            return CheckpointError(f"checkpoint {path} is unusable: {why}")
+            return checkpoint_unusable(path, why)
 
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                data = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile,
-                zlib.error) as err:
-            raise bad(f"cannot read it as an .npz archive ({type(err).__name__}: {err}); "
-                      "delete it to start over") from None
-        try:
-            version = int(data["format_version"])
-            stored_key = json.loads(str(data["run_key"]))
-        except (KeyError, TypeError, ValueError) as err:
-            raise bad(f"no readable format version and settings ({err})") from None
-        if version != CHECKPOINT_VERSION:
-            raise bad(f"format version {version}, expected {CHECKPOINT_VERSION}")
-        if stored_key != run_key:
-            differ = sorted(k for k in set(stored_key) | set(run_key)
-                            if stored_key.get(k) != run_key.get(k))
-            raise CheckpointError(f"checkpoint {path} was written with other settings "
-                                  f"(differing: {', '.join(differ)}); use another --out, "
-                                  "or run without --resume to start over")
         state = cls(h0, meta_iters)
         try:
             for k in cls._ARRAYS:

@@ -96,12 +96,12 @@ def _forward(x0, schedules, meta, run):
     be = run.make_backend(x0[None, :], [a[None] for a in schedules], run.groups, n_groups,
                           run.frac_bits)
     run.x0_fixed = be.state().x
-    callback = None
-    if run.callback is not None:
-        def callback(t, be, g):
-            run.callback(t, be.engines[0], g[0])
+    def on_step(t, be, g):
+        run.callback(t, be.engines[0], g[0])
+
     rows = RowObjectives(run.objective, [meta], want_meta=False)
-    forward(be, rows, progress=run.progress, callback=callback)
+    forward(be, rows, progress=run.progress,
+            callback=None if run.callback is None else on_step)
     run.backend = be
     return be.engines[0].x
 
