@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from .common import SWEEP_BATCH, sweep_problem
+from .common import SWEEP_BATCH, best_of, sweep_problem
 
 #: The settings of the throughput figures (the issue's B = 64 at T = 100).
 RUNS, N_ITER = 64, 100
@@ -34,15 +34,6 @@ def _sweep(problem, **kwargs):
 
     model, data, alphas, betas, scales, log_l2 = problem
     return sweep(model, data, alphas, betas, scales, log_l2, batch_size=SWEEP_BATCH, **kwargs)
-
-
-def _best_seconds(fn, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def _cluster_figures(problem, workers, repeats, overhead_chunks, runs):
@@ -58,7 +49,7 @@ def _cluster_figures(problem, workers, repeats, overhead_chunks, runs):
         client.wait_for_workers(workers)
         warm = tuple(a[:2 * workers] if isinstance(a, np.ndarray) else a for a in problem)
         _sweep(warm, client=client, chunk_size=1)  # kernels loaded, data sent
-        seconds = _best_seconds(lambda: _sweep(problem, client=client), repeats)
+        seconds = best_of(lambda: _sweep(problem, client=client), repeats)
         out["settings_per_second"] = runs / seconds
         if workers != 1:
             return out
@@ -103,7 +94,7 @@ def measure(runs=RUNS, n_iter=N_ITER, repeats=2, overhead_chunks=16):
     _sweep(tuple(a[:2] if isinstance(a, np.ndarray) else a for a in problem))  # JIT, data
     figures = {"runs": runs, "n_iter": n_iter,
                "in_process_settings_per_second":
-                   runs / _best_seconds(lambda: _sweep(problem), repeats)}
+                   runs / best_of(lambda: _sweep(problem), repeats)}
     one = _cluster_figures(problem, 1, repeats, min(overhead_chunks, runs), runs)
     two = _cluster_figures(problem, 2, repeats, overhead_chunks, runs)
     figures.update({"one_worker_settings_per_second": one["settings_per_second"],

@@ -3,9 +3,10 @@ comparing two runs' results without their wall-clock fields."""
 
 import json
 
+import numpy as np
 import pytest
 
-from hypergrad_fast.data import MNIST_ENV
+from hypergrad_fast.data import MNIST_ENV, write_idx
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: results.json fields that differ between two runs of the same settings.
@@ -16,6 +17,19 @@ TIMING_FIELDS = ("iter_time", "wall_time", "runtime", "command", "files")
 def embedded_digits(monkeypatch):
     """The embedded digits, whatever the environment names (import it to use it)."""
     monkeypatch.delenv(MNIST_ENV, raising=False)
+
+
+def idx_folder(directory, seed=0):
+    """A tiny MNIST folder in the standard IDX layout: 300 training and 100 test digits
+    of random pixels, labels cycling through 0..9."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True)
+    for prefix, n in (("train", 300), ("t10k", 100)):
+        write_idx(directory / f"{prefix}-images-idx3-ubyte",
+                  rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte",
+                  (np.arange(n) % 10).astype(np.uint8))
+    return directory
 
 
 def results(out):

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from hypergrad_fast.cli import main
-from hypergrad_fast.data import MNIST_ENV, write_idx
+from hypergrad_fast.data import MNIST_ENV
+
+from experiment_runs import idx_folder
 
 TINY = ["--hidden", "10", "--n-train", "200", "--n-valid", "100", "--n-test", "100",
         "--iters", "5", "--batch-size", "50", "--no-progress"]
@@ -256,17 +258,6 @@ def test_a_fifo_named_checkpoint_npz_is_refused_without_waiting(tmp_path, capsys
 # -- the data source --------------------------------------------------------------------------
 
 
-def _idx_folder(directory, seed=0):
-    """A tiny MNIST folder in the standard IDX layout: 300 training and 100 test digits
-    of random pixels (enough for TINY's 200 + 100 and 100)."""
-    rng = np.random.default_rng(seed)
-    directory.mkdir(parents=True)
-    for prefix, n in (("train", 300), ("t10k", 100)):
-        write_idx(directory / f"{prefix}-images-idx3-ubyte",
-                  rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
-        write_idx(directory / f"{prefix}-labels-idx1-ubyte",
-                  (np.arange(n) % 10).astype(np.uint8))
-    return directory
 
 
 @pytest.fixture
@@ -276,7 +267,7 @@ def no_mnist_env(monkeypatch):
 
 def test_resume_accepts_the_same_data_folder_spelled_differently(tmp_path, monkeypatch,
                                                                  no_mnist_env):
-    data = _idx_folder(tmp_path / "mnist")
+    data = idx_folder(tmp_path / "mnist")
     out = tmp_path / "o"
     monkeypatch.setenv(MNIST_ENV, str(data))
     assert _run(out, "--meta-iters", "1") == 0
@@ -291,7 +282,7 @@ def test_resume_accepts_the_same_data_folder_spelled_differently(tmp_path, monke
 
 def test_data_option_reads_an_idx_folder_and_resume_refuses_another_source(
         tmp_path, monkeypatch, capsys, no_mnist_env):
-    data = _idx_folder(tmp_path / "mnist")
+    data = idx_folder(tmp_path / "mnist")
     out = tmp_path / "o"
     assert _run(out, "--meta-iters", "1", "--data", str(data)) == 0
     config = _results(out)["config"]
@@ -301,7 +292,7 @@ def test_data_option_reads_an_idx_folder_and_resume_refuses_another_source(
     assert _results(out)["runtime"]["resumed_from_meta_iteration"] == 1
     capsys.readouterr()
 
-    other = _idx_folder(tmp_path / "other", seed=1)
+    other = idx_folder(tmp_path / "other", seed=1)
     assert _run(out, "--meta-iters", "3", "--resume", "--data", str(other)) == 2
     assert "data" in capsys.readouterr().err
     assert _run(out, "--meta-iters", "3", "--resume") == 2  # the embedded digits

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 
 from hypergrad_fast.cli import build_parser, main
-from hypergrad_fast.data import write_idx
 from hypergrad_fast.experiments import EXPERIMENTS
 from hypergrad_fast.experiments._runner import MnistProblem, command_line
 
 from experiment_runs import PNG_MAGIC, embedded_digits  # noqa: F401  (an autouse fixture)
-from experiment_runs import results as _results, without_times as _without_times
+from experiment_runs import idx_folder, results as _results, without_times as _without_times
 
 SIZES = ["--n-train", "200", "--n-valid", "100", "--n-test", "100", "--iters", "5",
          "--no-progress"]
@@ -137,13 +136,7 @@ def test_learned_data_compares_with_real_draws(tmp_path):
 
 
 def test_learned_data_reads_an_idx_folder(tmp_path):
-    rng = np.random.default_rng(0)
-    data = tmp_path / "mnist"
-    data.mkdir()
-    for prefix, n in (("train", 300), ("t10k", 100)):
-        write_idx(data / f"{prefix}-images-idx3-ubyte",
-                  rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
-        write_idx(data / f"{prefix}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
+    data = idx_folder(tmp_path / "mnist")
     out = tmp_path / "o"
     assert _run("learned-data", out, "--meta-iters", "1", "--data", str(data)) == 0
     assert _results(out)["data"]["source"] == str(data.resolve())

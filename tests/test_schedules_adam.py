@@ -17,14 +17,14 @@ from autograd.tracer import getval
 import hypergrad_fast.experiments as registry
 from hypergrad_fast import effective_beta
 from hypergrad_fast.cli import main
-from hypergrad_fast.data import MNIST_ENV, write_idx
+from hypergrad_fast.data import MNIST_ENV
 from hypergrad_fast.experiments import gallery
 from hypergrad_fast.experiments._args import ConfigError, Experiment
 from hypergrad_fast.experiments.schedules import SchedulesConfig, SchedulesProblem
 from hypergrad_fast.models import make_train_loss
 
 from experiment_runs import PNG_MAGIC, embedded_digits  # noqa: F401  (an autouse fixture)
-from experiment_runs import results as _results, without_times as _without_times
+from experiment_runs import idx_folder, results as _results, without_times as _without_times
 
 SIZES = {"hidden": (10,), "n_train": 200, "n_valid": 100, "n_test": 100, "iters": 5,
          "batch_size": 50}
@@ -210,13 +210,7 @@ def test_a_checkpoint_of_the_other_optimizer_is_refused(finished, tmp_path, caps
 
 
 def test_an_idx_folder_with_quick(tmp_path):
-    rng = np.random.default_rng(0)
-    data = tmp_path / "mnist"
-    data.mkdir()
-    for prefix, n in (("train", 300), ("t10k", 100)):
-        write_idx(data / f"{prefix}-images-idx3-ubyte",
-                  rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
-        write_idx(data / f"{prefix}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
+    data = idx_folder(tmp_path / "mnist")
     out = tmp_path / "o"
     assert main([*ADAM, "--out", str(out), *TINY, "--quick", "--data", str(data)]) == 0
     r = _results(out)

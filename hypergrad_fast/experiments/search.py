@@ -100,11 +100,6 @@ class SearchConfig(BaseConfig):
 
     NAME = NAME
 
-    n_train: int = 3000
-    n_valid: int = 1000
-    n_test: int = 1000
-    iters: int = 100
-    batch_size: int = 200
     meta_iters: int = 5
     step_size: float = 0.2
     model: str = "logreg"

@@ -17,7 +17,7 @@ from numba import njit
 from ..engine import ReversibleAdam, effective_beta, information_bound
 from ..engine._cpu_kernels import _at
 from ..engine._wrapper import check_frac_bits
-from ..engine.adam import S_FRAC_BITS
+from ..engine.adam import S_FRAC_BITS, _check_eps
 from .algorithm import HostBackend, _flat
 from .sgd import train
 
@@ -250,8 +250,6 @@ def adam(loss, x0, alphas, b1s, b2s, meta=None, *, eps=1e-8, groups=None, callba
     and ``meta`` from one reverse pass, which checks that it came back to ``x0`` bit
     for bit (:class:`~hypergrad_fast.SgdRecovery` otherwise).
     """
-    from ..engine.adam import _check_eps
-
     eps = _check_eps(eps)
     s_frac_bits = check_frac_bits(s_frac_bits)
     if callback is not None:

@@ -323,7 +323,7 @@ class CpuBackend(MomentumRule, HostBackend):
 
     # The reverse pass's element-wise steps: each one IEEE operation per element, as in
     # the per-thread kernels of the GPU, so the bits are the same (one compiled loop
-    # each; no fastmath, so no multiply-add is contracted).
+    # each, with Numba's default IEEE flags, so no multiply-add is contracted).
     def velocity_cotangent(self, d_v, d_x, t):
         """``d_v += alpha_t * d_x``."""
         _add_product(d_v.reshape(-1), _flat(self._alpha_values[t]), d_x.reshape(-1))
