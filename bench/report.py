@@ -340,11 +340,40 @@ def ratios(cfg):
     return r
 
 
+def seed_ratios(rounds, settle, n_iter=100):
+    """Seed network, T = ``n_iter``: ours / naive for momentum (``sgd``) and Adam (``adam``),
+    each side's smallest of ``rounds`` runs taken in turn, ``settle`` seconds before each."""
+    from .bench_adam import adam_problem, adam_value_and_hypergrads
+
+    problems = {"momentum": (common.seed_problem(n_iter), common.value_and_hypergrads),
+                "adam": (adam_problem(n_iter), adam_value_and_hypergrads)}
+    for impl in ("ours", "naive"):  # imports, JIT, data
+        common.value_and_hypergrads(common.seed_problem(2), impl)
+        adam_value_and_hypergrads(adam_problem(2), impl)
+    out = {}
+    for name, (problem, run) in problems.items():
+        best = common.alternating_best({impl: functools.partial(run, problem, impl)
+                                        for impl in ("naive", "ours")}, rounds, settle=settle)
+        out[name] = {**best, "ratio": best["ours"] / best["naive"]}
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Benchmark report without asv.")
     parser.add_argument("--quick", action="store_true", help="about a minute")
     parser.add_argument("--out", default="out/report", help="output folder (default out/report)")
+    parser.add_argument("--seed-ratios", type=int, metavar="ROUNDS",
+                        help="only print the seed network's T = 100 ratios, ours / naive, "
+                             "momentum and Adam, ROUNDS runs each (no report)")
+    parser.add_argument("--settle", type=float, default=common.SETTLE_SECONDS,
+                        help="with --seed-ratios: seconds of sleep before each timed run "
+                             f"(default {common.SETTLE_SECONDS})")
     args = parser.parse_args(argv)
+    if args.seed_ratios:
+        for name, r in seed_ratios(args.seed_ratios, args.settle).items():
+            print(f"{name}: ours {r['ours']:.3f} s, naive {r['naive']:.3f} s, "
+                  f"ratio {r['ratio']:.3f} (settle {args.settle} s, {args.seed_ratios} rounds)")
+        return
     cfg = QUICK if args.quick else FULL
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

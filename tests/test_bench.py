@@ -73,7 +73,10 @@ def test_there_are_benchmarks():
 
 
 @pytest.mark.parametrize("cls", list(_benchmark_classes()))
-def test_benchmark_runs_at_smallest_params(cls):
+def test_benchmark_runs_at_smallest_params(cls, monkeypatch):
+    import bench.common
+
+    monkeypatch.setattr(bench.common, "SETTLE_SECONDS", 0.01)  # the pause, shortened
     shrink = SHRINK.get(cls.__name__, {})
     methods = sorted(m for m in dir(cls) if m.startswith(PREFIXES))
     cache_instance = cls()
@@ -167,3 +170,16 @@ def test_asv_check(tmp_path):
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 0, f"{' '.join(cmd)}:\n{done.stdout}\n{done.stderr}"
+
+
+def test_seed_ratios_report_both_optimisers(monkeypatch):
+    """``python -m bench.report --seed-ratios``: momentum and Adam, ours / naive."""
+    import bench.common
+    from bench import report
+
+    monkeypatch.setattr(bench.common, "SETTLE_SECONDS", 0.01)
+    out = report.seed_ratios(rounds=1, settle=None, n_iter=3)
+    assert set(out) == {"momentum", "adam"}
+    for r in out.values():
+        assert r["ours"] > 0 and r["naive"] > 0
+        assert r["ratio"] == r["ours"] / r["naive"]

@@ -84,6 +84,59 @@ def test_compiled_derivatives_match_autograd(name, l2, learn_inputs):
         assert none is None and np.array_equal(g3, g) and np.array_equal(hu3, hu)
 
 
+def _adam_like_direction(d_m, d_s):
+    """u = a + (c g) d_s, affine in the gradient as Adam's reverse pass is."""
+    def direction(g):
+        return 0.1 * d_m + (0.02 * g) * d_s
+    return direction
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("l2, learn_inputs", [(None, False), ("group", False),
+                                              ("weight", True)])
+@pytest.mark.parametrize("batch_size", [7, 40])  # one part, and two halves on two cores
+def test_grad_then_hvp_is_the_two_calls_bit_for_bit(name, l2, learn_inputs, batch_size):
+    """The compiled gradient-then-HVP runs the gradient pass once and keeps its tape;
+    it must give the bits of value_and_grad followed by grad_and_hvp(direction(g)), and
+    the autograd objective's default must agree with it."""
+    model = MODELS[name]()
+    compiled, traced, meta = _pair(model, l2, learn_inputs, batch_size=batch_size)
+    rng = np.random.default_rng(8)
+    x = 0.5 * rng.standard_normal(model.layout.size)
+    direction = _adam_like_direction(*rng.standard_normal((2, model.layout.size)))
+    seen = []
+
+    def recording(g):
+        seen.append(g.copy())
+        return direction(g)
+
+    for t in (0, 3):
+        _, g_ref = compiled.value_and_grad(x, meta, t)
+        _, hu_ref, d_ref = compiled.grad_and_hvp(x, meta, t, direction(g_ref),
+                                                 compiled.meta_zeros(meta))
+        g, hu, d_meta = compiled.grad_then_hvp(x, meta, t, recording, compiled.meta_zeros(meta))
+        assert np.array_equal(seen[-1], g_ref), "direction must get the gradient's bits"
+        assert np.array_equal(g, g_ref) and np.array_equal(hu, hu_ref)
+        for key in d_ref:
+            assert np.array_equal(d_meta[key], d_ref[key])
+        g_x, hu_x, none = compiled.grad_then_hvp(x, meta, t, direction, None)
+        assert none is None and np.array_equal(g_x, g_ref) and np.array_equal(hu_x, hu_ref)
+        objective = AutogradObjective(traced)
+        g_a, hu_a, d_a = objective.grad_then_hvp(x, meta, t, direction,
+                                                 objective.meta_zeros(meta))
+        _close(g_a, g)
+        _close(hu_a, hu)
+        for key in d_ref:
+            _close(d_a[key], d_meta[key])
+
+
+def test_grad_then_hvp_checks_the_direction():
+    compiled, _, meta = _pair(MODELS["tanh"]())
+    x = np.zeros(compiled.model.layout.size)
+    with pytest.raises(ValueError, match="direction"):
+        compiled.grad_then_hvp(x, meta, 0, lambda g: g[:-1], None)
+
+
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
 @pytest.mark.parametrize("batch_size", [7, 40])  # one part, and two halves on two cores
 def test_inputs_with_zero_columns_take_the_compact_products(activation, batch_size):
@@ -116,6 +169,9 @@ def test_inputs_with_zero_columns_take_the_compact_products(activation, batch_si
         assert np.array_equal(g2, g)
         _close(hu, ref_hu)
         _close(d_meta["log_l2"], ref_d_meta["log_l2"])
+        # The tape keeps the compacted inputs and their columns.
+        g3, hu3, _ = compiled.grad_then_hvp(x, meta, t, lambda _: u, None)
+        assert np.array_equal(g3, g) and np.array_equal(hu3, hu)
     # The zero columns' weights get the penalty's gradient alone, to the bit.
     lam = np.exp(meta["log_l2"])[model.layout.groups]
     rows = lambda a: a[model.layout.slices["W0"]].reshape(12, 6)[[0, 3, 4, 9]]  # noqa: E731

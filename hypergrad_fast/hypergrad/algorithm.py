@@ -423,6 +423,17 @@ class RowObjectives(BatchedObjective):
         rows = self._rows(one)
         return _stack([r[0] for r in rows]), _stack([r[1] for r in rows])
 
+    def grad_then_hvp(self, x, t, direction):
+        if len(self.metas) > 1:  # the direction takes all rows' gradients at once
+            return super().grad_then_hvp(x, t, direction)
+        # One run: the objective's own (the compiled ones run the gradient pass once).
+        d_meta = None if self.d_metas is None else self.d_metas[0]
+        g, hx, d_meta = self.objective.grad_then_hvp(
+            x[0], self.metas[0], t, lambda g_row: direction(g_row.reshape(1, -1))[0], d_meta)
+        if self.d_metas is not None:
+            self.d_metas[0] = d_meta
+        return _stack([g]), _stack([hx])
+
 
 def _stack(rows):
     if len(rows) == 1:

@@ -27,7 +27,8 @@ from numba import njit, prange
 ALL_COLUMNS = np.empty(0, dtype=np.int64)
 
 __all__ = ["ALL_COLUMNS", "active_columns", "gather_rows", "value_only", "value_grad", "grad_hvp", "l2_value_grad", "l2_grad_hvp",
-           "batch_value_grad", "batch_grad_hvp", "value_grad_rows", "grad_hvp_rows"]
+           "batch_value_grad", "batch_grad_hvp", "value_grad_rows", "grad_hvp_rows",
+           "tape_size", "batch_grad_tape", "batch_hvp_tape", "l2_hvp"]
 
 
 @njit(cache=True, nogil=True)
@@ -254,7 +255,7 @@ def value_only(x, inputs, targets, sizes, w_off, b_off, relu):
     parts = n_parts(n_rows)
     sums = np.empty(parts)
     for h in prange(parts):
-        lo, hi = (n_rows * h) // parts, (n_rows * (h + 1)) // parts
+        lo, hi = _part_rows(n_rows, parts, h)
         _, logits = _forward(x, inputs[lo:hi], sizes, w_off, b_off, relu, ALL_COLUMNS)
         sums[h], _, _ = _softmax_top(logits, targets[lo:hi], 1.0)
     total = sums[0]
@@ -264,36 +265,45 @@ def value_only(x, inputs, targets, sizes, w_off, b_off, relu):
 
 
 @njit(cache=True, nogil=True)
-def value_grad(x, inputs, targets, sizes, w_off, b_off, relu, g, denom, cols):
-    """The rows' cross-entropy summed / ``denom``; writes its gradient in x into ``g`` (N,).
-
-    ``inputs`` holds only the columns ``cols`` of the rows when ``cols`` is not empty
-    (the others being zero: :func:`active_columns`)."""
+def _grad_tape(x, inputs, targets, sizes, w_off, b_off, relu, g, denom, cols):
+    """The gradient pass of :func:`value_grad`, returning what the R pass reuses:
+    ``(value, hs, p, deltas, d_hs)`` with ``hs`` the layers' inputs (hs[0] = inputs),
+    ``p`` the softmax, ``deltas[l]`` dloss/dz of layer l's pre-activation and ``d_hs[l]``
+    dloss/dh of hidden layer l's output (``d_hs[0]`` an unused placeholder)."""
     n_layers = sizes.shape[0] - 1
     hs, logits = _forward(x, inputs, sizes, w_off, b_off, relu, cols)
-    value, _, delta = _softmax_top(logits, targets, denom)
+    value, p, delta = _softmax_top(logits, targets, denom)
+    deltas = [delta] * n_layers
+    d_hs = [delta] * n_layers
     for layer in range(n_layers - 1, -1, -1):
         w, _ = _weights(x, w_off, b_off, sizes, layer)
         g_w, g_b = _weights(g, w_off, b_off, sizes, layer)
         _weight_grad(hs[layer], delta, g_w, layer, cols)
         _bias_grad(delta, g_b)
+        deltas[layer] = delta
         if layer > 0:
-            delta = _back_through(np.dot(delta, w.T), hs[layer], relu)
-    return value
+            d_h = np.dot(delta, w.T)
+            d_hs[layer] = d_h
+            delta = _back_through(d_h, hs[layer], relu)
+    return value, hs, p, deltas, d_hs
 
 
 @njit(cache=True, nogil=True)
-def grad_hvp(x, u, inputs, targets, sizes, w_off, b_off, relu, want_inputs, g, hu, d_inputs,
-             denom, cols):
-    """Gradient ``g`` and ``hu = H u`` of the rows' cross-entropy summed / ``denom``, in place.
+def value_grad(x, inputs, targets, sizes, w_off, b_off, relu, g, denom, cols):
+    """The rows' cross-entropy summed / ``denom``; writes its gradient in x into ``g`` (N,).
 
-    With ``want_inputs``, also writes ``d_inputs`` (M, n_in) = d/dX (g . u), the
-    mixed second derivative through the batch's inputs (for learned training data).
-    ``inputs`` and ``cols`` as in :func:`value_grad`.  Returns the loss value.
-    """
+    ``inputs`` holds only the columns ``cols`` of the rows when ``cols`` is not empty
+    (the others being zero: :func:`active_columns`)."""
+    return _grad_tape(x, inputs, targets, sizes, w_off, b_off, relu, g, denom, cols)[0]
+
+
+@njit(cache=True, nogil=True)
+def _hvp_from_tape(x, u, targets, hs, p, deltas, d_hs, sizes, w_off, b_off, relu, want_inputs,
+                   hu, d_inputs, denom, cols):
+    """The R pass: ``hu = H u`` (and with ``want_inputs`` ``d_inputs``) from the gradient
+    pass's :func:`_grad_tape` at the same x, rows and ``cols``."""
     n_layers = sizes.shape[0] - 1
-    hs, logits = _forward(x, inputs, sizes, w_off, b_off, relu, cols)
-    # R pass forward: r_hs[l] = R{hs[l]} (zero for the inputs), r_logits = R{logits}.
+    # R pass forward: r_hs[l] = R{hs[l]} (zero for the inputs), r_h ends as R{logits}.
     r_h = np.empty((0, 0))
     r_hs = [r_h]  # R of the inputs is zero: this entry is never read
     for layer in range(n_layers):
@@ -313,9 +323,8 @@ def grad_hvp(x, u, inputs, targets, sizes, w_off, b_off, relu, want_inputs, g, h
                         r_z[m, j] *= 1.0 - h[m, j] * h[m, j]
             r_hs.append(r_z)
         r_h = r_z
-    value, p, delta = _softmax_top(logits, targets, denom)
-    n_rows, n_out = logits.shape
-    r_delta = np.empty_like(delta)
+    n_rows, n_out = p.shape
+    r_delta = np.empty_like(p)
     for m in range(n_rows):
         t_sum = 0.0
         mean_r = 0.0
@@ -327,30 +336,41 @@ def grad_hvp(x, u, inputs, targets, sizes, w_off, b_off, relu, want_inputs, g, h
     for layer in range(n_layers - 1, -1, -1):
         w, _ = _weights(x, w_off, b_off, sizes, layer)
         w_u, _ = _weights(u, w_off, b_off, sizes, layer)
-        g_w, g_b = _weights(g, w_off, b_off, sizes, layer)
         h_w, h_b = _weights(hu, w_off, b_off, sizes, layer)
-        _weight_grad(hs[layer], delta, g_w, layer, cols)
-        _bias_grad(delta, g_b)
+        delta = deltas[layer]
         _weight_grad(hs[layer], r_delta, h_w, layer, cols)
         if layer > 0:
             h_w += np.dot(r_hs[layer].T, delta)
         _bias_grad(r_delta, h_b)
         if layer == 0 and not want_inputs:
             break
-        d_h = np.dot(delta, w.T)
         r_d_h = np.dot(r_delta, w.T)
         r_d_h += np.dot(delta, w_u.T)
         if layer == 0:
             d_inputs[:, :] = r_d_h
             break
-        h, r_h = hs[layer], r_hs[layer]
-        new_delta = _back_through(d_h, h, relu)
+        h, r_h, d_h = hs[layer], r_hs[layer], d_hs[layer]
         new_r_delta = _back_through(r_d_h, h, relu)
         if not relu:
             for m in range(h.shape[0]):
                 for j in range(h.shape[1]):
                     new_r_delta[m, j] -= 2.0 * d_h[m, j] * h[m, j] * r_h[m, j]
-        delta, r_delta = new_delta, new_r_delta
+        r_delta = new_r_delta
+
+
+@njit(cache=True, nogil=True)
+def grad_hvp(x, u, inputs, targets, sizes, w_off, b_off, relu, want_inputs, g, hu, d_inputs,
+             denom, cols):
+    """Gradient ``g`` and ``hu = H u`` of the rows' cross-entropy summed / ``denom``, in place.
+
+    With ``want_inputs``, also writes ``d_inputs`` (M, n_in) = d/dX (g . u), the
+    mixed second derivative through the batch's inputs (for learned training data).
+    ``inputs`` and ``cols`` as in :func:`value_grad`.  Returns the loss value.
+    """
+    value, hs, p, deltas, d_hs = _grad_tape(x, inputs, targets, sizes, w_off, b_off, relu, g,
+                                            denom, cols)
+    _hvp_from_tape(x, u, targets, hs, p, deltas, d_hs, sizes, w_off, b_off, relu, want_inputs,
+                   hu, d_inputs, denom, cols)
     return value
 
 
@@ -366,11 +386,18 @@ def l2_value_grad(lam, x, g):
 
 @njit(cache=True, nogil=True)
 def l2_grad_hvp(lam, x, u, g, hu, bounds, d_log_l2):
-    """Adds the penalty's ``lam * x`` to ``g`` and ``lam * u`` to ``hu``; with ``d_log_l2`` not
-    empty, adds ``d/dlog(lam) (g . u) = lam * x * u`` to it, per group between ``bounds``
-    (G+1,) when those are given, else per weight."""
+    """Adds the penalty's ``lam * x`` to ``g``, then :func:`l2_hvp`."""
     for i in range(x.shape[0]):
         g[i] += lam[i] * x[i]
+    l2_hvp(lam, x, u, hu, bounds, d_log_l2)
+
+
+@njit(cache=True, nogil=True)
+def l2_hvp(lam, x, u, hu, bounds, d_log_l2):
+    """Adds the penalty's ``lam * u`` to ``hu``; with ``d_log_l2`` not empty, adds
+    ``d/dlog(lam) (g . u) = lam * x * u`` to it, per group between ``bounds`` (G+1,) when
+    those are given, else per weight."""
+    for i in range(x.shape[0]):
         hu[i] += lam[i] * u[i]
     if d_log_l2.shape[0] == 0:
         return
@@ -399,11 +426,16 @@ def n_parts(n_rows):
 
 
 @njit(cache=True, nogil=True)
+def _part_rows(n_rows, parts, h):
+    """First and end row of part h of a minibatch of ``n_rows`` rows."""
+    return (n_rows * h) // parts, (n_rows * (h + 1)) // parts
+
+
+@njit(cache=True, nogil=True)
 def _part(idx, parts, h, source, targets):
     """Rows of part h of the minibatch ``idx``: (inputs, targets, first row, end row,
     cols), the inputs compacted to their :func:`active_columns` ``cols``."""
-    m = idx.shape[0]
-    lo, hi = (m * h) // parts, (m * (h + 1)) // parts
+    lo, hi = _part_rows(idx.shape[0], parts, h)
     sub = idx[lo:hi]
     inputs = gather_rows(source, sub, np.empty((hi - lo, source.shape[1])))
     cols = active_columns(inputs)
@@ -437,6 +469,19 @@ def _sum_parts(parts, out):
         out += parts[h]
 
 
+@njit(cache=True, nogil=True)
+def _total_value_grad(g_parts, values, lam, x, g):
+    """The parts' gradients and values added in order into ``g`` and the returned value,
+    plus the penalty ``0.5 sum(lam x**2)`` and its gradient when ``lam`` is not empty."""
+    _sum_parts(g_parts, g)
+    value = values[0]
+    for h in range(1, values.shape[0]):
+        value += values[h]
+    if lam.shape[0] > 0:
+        value += l2_value_grad(lam, x, g)
+    return value
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def batch_value_grad(x, source, targets, idx, sizes, w_off, b_off, relu, lam, g):
     """Mean cross-entropy of minibatch ``idx`` of (source, targets), plus the penalty
@@ -446,13 +491,7 @@ def batch_value_grad(x, source, targets, idx, sizes, w_off, b_off, relu, lam, g)
     for h in prange(parts):
         _part_value_grad(h, parts, x, source, targets, idx, sizes, w_off, b_off, relu, g_parts,
                          values)
-    _sum_parts(g_parts, g)
-    value = values[0]
-    for h in range(1, parts):
-        value += values[h]
-    if lam.shape[0] > 0:
-        value += l2_value_grad(lam, x, g)
-    return value
+    return _total_value_grad(g_parts, values, lam, x, g)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -485,13 +524,8 @@ def value_grad_rows(x, source, targets, idx, sizes, w_off, b_off, relu, lam, g, 
         for h in range(parts):
             _part_value_grad(h, parts, x[b], source, targets, idx, sizes, w_off, b_off, relu,
                              g_parts, part_values)
-        _sum_parts(g_parts, g[b])
-        value = part_values[0]
-        for h in range(1, parts):
-            value += part_values[h]
-        if lam.shape[0] > 0:
-            value += l2_value_grad(lam[b], x[b], g[b])
-        values[b] = value
+        values[b] = _total_value_grad(g_parts, part_values,
+                                      lam[b] if lam.shape[0] > 0 else np.empty(0), x[b], g[b])
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -510,3 +544,103 @@ def grad_hvp_rows(x, u, source, targets, idx, sizes, w_off, b_off, relu, lam, bo
         if lam.shape[0] > 0:
             l2_grad_hvp(lam[b], x[b], u[b], g[b], hu[b], bounds,
                         d_log_l2[b] if d_log_l2.shape[0] > 0 else np.empty(0))
+
+
+# ---------------------------------------------------------------- the gradient, then H u
+# Adam's reverse pass needs H u for a u that depends on the gradient itself.  Instead
+# of a gradient pass and then a whole grad_hvp (which runs the gradient pass again),
+# batch_grad_tape runs the gradient pass and keeps, per part, what the R pass reads
+# (a "tape" in a flat buffer); the caller forms u from g; batch_hvp_tape runs the R
+# pass on the tape.  The two halves are _grad_tape and _hvp_from_tape, the functions
+# that grad_hvp runs back to back: g and H u are the bits of batch_value_grad and
+# batch_grad_hvp.
+@njit(cache=True, nogil=True)
+def tape_size(sizes, n_rows, n_in):
+    """Floats of one part's tape for a minibatch of ``n_rows`` rows: the inputs, each
+    hidden layer's output and its delta, the softmax, each layer's delta."""
+    n_layers = sizes.shape[0] - 1
+    rows = (n_rows + n_parts(n_rows) - 1) // n_parts(n_rows)
+    per_row = n_in + sizes[n_layers]
+    for layer in range(1, n_layers):
+        per_row += 2 * sizes[layer]
+    for layer in range(n_layers):
+        per_row += sizes[layer + 1]
+    return rows * per_row
+
+
+@njit(cache=True, nogil=True)
+def _carve(buf, off, rows, width):
+    """The (rows, width) C-contiguous view of ``buf`` at ``off``, and the next offset."""
+    return buf[off:off + rows * width].reshape((rows, width)), off + rows * width
+
+
+@njit(cache=True, nogil=True)
+def _tape_views(buf, col_buf, rows, sizes):
+    """One part's tape as (inputs, cols, hs, p, deltas, d_hs) views of its buffers
+    (``col_buf`` = [number of cols, cols...])."""
+    n_layers = sizes.shape[0] - 1
+    n_cols = col_buf[0]
+    cols = col_buf[1:1 + n_cols]
+    inputs, off = _carve(buf, 0, rows, n_cols if n_cols > 0 else sizes[0])
+    hs = [inputs]
+    for layer in range(1, n_layers):
+        h, off = _carve(buf, off, rows, sizes[layer])
+        hs.append(h)
+    p, off = _carve(buf, off, rows, sizes[n_layers])
+    deltas = [p] * n_layers
+    d_hs = [p] * n_layers  # d_hs[0] is never read
+    for layer in range(n_layers):
+        delta, off = _carve(buf, off, rows, sizes[layer + 1])
+        deltas[layer] = delta
+    for layer in range(1, n_layers):
+        d_h, off = _carve(buf, off, rows, sizes[layer])
+        d_hs[layer] = d_h
+    return inputs, cols, hs, p, deltas, d_hs
+
+
+@njit(cache=True, nogil=True)
+def _save_tape(buf, col_buf, sizes, cols, hs, p, deltas, d_hs):
+    col_buf[0] = cols.shape[0]
+    col_buf[1:1 + cols.shape[0]] = cols
+    _, _, t_hs, t_p, t_deltas, t_d_hs = _tape_views(buf, col_buf, p.shape[0], sizes)
+    for layer in range(len(hs)):
+        t_hs[layer][:, :] = hs[layer]
+        t_deltas[layer][:, :] = deltas[layer]
+        if layer > 0:
+            t_d_hs[layer][:, :] = d_hs[layer]
+    t_p[:, :] = p
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def batch_grad_tape(x, source, targets, idx, sizes, w_off, b_off, relu, lam, g, tape, tape_cols):
+    """:func:`batch_value_grad`, also writing part h's tape into ``tape[h]`` and
+    ``tape_cols[h]`` ((parts, :func:`tape_size`) float64 and (parts, n_in + 1) int64)."""
+    parts = n_parts(idx.shape[0])
+    g_parts, values = np.empty((parts, x.shape[0])), np.empty(parts)
+    for h in prange(parts):
+        inputs, batch_targets, _, _, cols = _part(idx, parts, h, source, targets)
+        value, hs, p, deltas, d_hs = _grad_tape(x, inputs, batch_targets, sizes, w_off, b_off,
+                                                relu, g_parts[h], idx.shape[0], cols)
+        values[h] = value
+        _save_tape(tape[h], tape_cols[h], sizes, cols, hs, p, deltas, d_hs)
+    return _total_value_grad(g_parts, values, lam, x, g)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def batch_hvp_tape(x, u, targets, idx, sizes, w_off, b_off, relu, want_inputs, lam, bounds,
+                   tape, tape_cols, hu, d_inputs, d_log_l2):
+    """``hu = H u`` (and ``d_inputs``, ``d_log_l2`` as in :func:`batch_grad_hvp`) at the x
+    and minibatch of the :func:`batch_grad_tape` call that wrote the tapes."""
+    parts = n_parts(idx.shape[0])
+    hu_parts = np.empty((parts, x.shape[0]))
+    for h in prange(parts):
+        lo, hi = _part_rows(idx.shape[0], parts, h)
+        batch_targets = gather_rows(targets, idx[lo:hi], np.empty((hi - lo, targets.shape[1])))
+        _, cols, hs, p, deltas, d_hs = _tape_views(tape[h], tape_cols[h], hi - lo, sizes)
+        _hvp_from_tape(x, u, batch_targets, hs, p, deltas, d_hs, sizes, w_off, b_off, relu,
+                       want_inputs, hu_parts[h], d_inputs[lo:hi] if want_inputs else d_inputs,
+                       idx.shape[0], cols)
+    _sum_parts(hu_parts, hu)
+    if lam.shape[0] > 0:
+        l2_hvp(lam, x, u, hu, bounds, d_log_l2)
+

@@ -42,6 +42,15 @@ class Objective:
         """
         raise NotImplementedError
 
+    def grad_then_hvp(self, x, meta, t, direction, d_meta):
+        """:meth:`grad_and_hvp` with ``u = direction(g)``, a function of the gradient at x
+        itself (Adam's reverse pass): ``(g, H u, d_meta')``.  By default the gradient,
+        then :meth:`grad_and_hvp` (which computes it again, the same bits); the compiled
+        objectives run the gradient pass once."""
+        _, g = self.value_and_grad(x, meta, t)
+        _, hu, d_meta = self.grad_and_hvp(x, meta, t, direction(g), d_meta)
+        return g, hu, d_meta
+
     def meta_zeros(self, meta):
         """A zero cotangent shaped like ``meta``."""
         return vspace(meta).zeros()

@@ -187,6 +187,39 @@ class CompiledMLPLoss(Objective):
         source = self._source(x, meta)
         idx = self.batch(t)
         g, hu = np.empty(self._size), np.empty(self._size)
+        want_inputs, d_inputs, d_log_l2, bounds = self._hvp_outputs(d_meta, idx, source)
+        with _one_blas_thread:
+            kernels.batch_grad_hvp(x, u, source, self.targets, idx, self._sizes, self._w_off,
+                                   self._b_off, self._relu, want_inputs, self._penalty(meta),
+                                   bounds, g, hu, d_inputs, d_log_l2)
+        return g, hu, self._meta_cotangent(d_meta, want_inputs, d_inputs, idx)
+
+    def grad_then_hvp(self, x, meta, t, direction, d_meta):
+        # The gradient pass keeps its activations and deltas (a tape per part of the
+        # minibatch), and the R pass reuses them: one gradient pass instead of two.
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        source = self._source(x, meta)
+        idx = self.batch(t)
+        g, hu = np.empty(self._size), np.empty(self._size)
+        parts = kernels.n_parts(len(idx))
+        tape = np.empty((parts, kernels.tape_size(self._sizes, len(idx), source.shape[1])))
+        tape_cols = np.empty((parts, source.shape[1] + 1), dtype=np.int64)
+        lam = self._penalty(meta)
+        with _one_blas_thread:
+            kernels.batch_grad_tape(x, source, self.targets, idx, self._sizes, self._w_off,
+                                    self._b_off, self._relu, lam, g, tape, tape_cols)
+            u = np.ascontiguousarray(direction(g), dtype=np.float64)
+            if u.shape != g.shape:
+                raise ValueError(f"direction(g) must have shape {g.shape}, got {u.shape}")
+            want_inputs, d_inputs, d_log_l2, bounds = self._hvp_outputs(d_meta, idx, source)
+            kernels.batch_hvp_tape(x, u, self.targets, idx, self._sizes, self._w_off,
+                                   self._b_off, self._relu, want_inputs, lam, bounds, tape,
+                                   tape_cols, hu, d_inputs, d_log_l2)
+        return g, hu, self._meta_cotangent(d_meta, want_inputs, d_inputs, idx)
+
+    def _hvp_outputs(self, d_meta, idx, source):
+        """What the R pass writes besides H u: (want_inputs, d_inputs, d_log_l2, bounds);
+        ``d_meta["log_l2"]`` becomes the (copied) array that the kernel adds to."""
         has_dict = isinstance(d_meta, dict)
         want_inputs = self.learn_inputs and has_dict
         d_inputs = np.empty((len(idx), source.shape[1]) if want_inputs else (0, 0))
@@ -195,15 +228,16 @@ class CompiledMLPLoss(Objective):
             d_log_l2 = np.array(d_meta["log_l2"], dtype=np.float64)
             d_meta["log_l2"] = d_log_l2
         bounds = self._bounds if self.l2 == "group" else _NO_BOUNDS
-        with _one_blas_thread:
-            kernels.batch_grad_hvp(x, u, source, self.targets, idx, self._sizes, self._w_off,
-                                   self._b_off, self._relu, want_inputs, self._penalty(meta),
-                                   bounds, g, hu, d_inputs, d_log_l2)
+        return want_inputs, d_inputs, d_log_l2, bounds
+
+    @staticmethod
+    def _meta_cotangent(d_meta, want_inputs, d_inputs, idx):
+        """``d_meta`` with the minibatch's input cotangents added to its rows."""
         if want_inputs:
             d_all = np.array(d_meta["inputs"], dtype=np.float64)
             np.add.at(d_all, idx, d_inputs)
             d_meta["inputs"] = d_all
-        return g, hu, d_meta
+        return d_meta
 
     # ------------------------------------------------------------------ B runs at once
     def rows_value_and_grad(self, x, log_l2, t):
