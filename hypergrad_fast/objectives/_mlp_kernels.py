@@ -8,11 +8,14 @@ products go to BLAS through ``np.dot`` (SciPy's ``cython_blas``); the element-wi
 work around them is fused into plain loops.  No fast-math: the reverse pass
 recomputes every gradient, which must be the same bits as in the forward pass.
 
-:func:`grad_hvp` computes, in one pass over the layers, the gradient ``g`` of the
-loss and, for a direction ``u`` in parameter space, ``H u`` (Pearlmutter's
-R-operator, forward over reverse written out) and ``d/dX (g . u)`` for the batch's
-inputs ``X``.  Only the products that ``u`` needs are taken: the forward pass costs
-two products with the widest layer, the forward and R pass four.
+:func:`grad_hvp` computes the gradient ``g`` of the loss and, for a direction ``u``
+in parameter space, ``H u`` (Pearlmutter's R-operator, forward over reverse written
+out) and ``d/dX (g . u)`` for the batch's inputs ``X``: the gradient pass
+(:func:`_grad_tape`, which :func:`value_grad` is too), then the R pass
+(:func:`_hvp_from_tape`) on the activations and deltas the gradient pass kept.  Only
+the products that ``u`` needs are taken: the gradient pass costs two products with
+the widest layer, both passes four.  Run apart (:func:`batch_grad_tape`, then
+:func:`batch_hvp_tape`), the two passes serve a direction that depends on ``g``.
 
 Layout arrays (int64): ``sizes`` (L+1,) layer widths, ``w_off`` and ``b_off`` (L,)
 the flat offsets of ``W_l`` and ``b_l``.  ``relu`` selects the hidden activation.
