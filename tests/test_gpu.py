@@ -72,3 +72,25 @@ def test_import_needs_no_gpu():
     assert callable(gpu_available)
     with pytest.raises(ValueError, match="frac_bits must be an integer in"):
         BatchedReversibleMomentum(np.zeros((1, 1)), frac_bits=-1)
+
+
+def test_cpu_work_does_not_import_numba_cuda():
+    """numba.cuda takes about half a second to import: the CPU paths (the experiments'
+    modules, a compiled sgd run, gpu_available's answer aside) never touch it."""
+    code = """
+import sys
+import numpy as np
+from hypergrad_fast import sgd
+from hypergrad_fast.experiments import schedules
+from hypergrad_fast.models import MLP, make_train_loss
+model = MLP([5, 4, 3], "tanh")
+rng = np.random.default_rng(0)
+loss = make_train_loss(model, rng.standard_normal((40, 5)), np.eye(3)[rng.integers(0, 3, 40)], 10)
+sgd(loss, model.init_params(0, -1.0), np.full(3, 0.1), np.full(3, 0.9))
+print("imported" if "numba.cuda" in sys.modules else "not imported")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-2:] == ["not", "imported"], result.stdout

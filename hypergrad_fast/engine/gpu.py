@@ -33,24 +33,49 @@ from ._wrapper import (
 )
 from .cpu import Prepared
 
-try:  # numba-cuda imports without a driver; this only guards a broken install
-    from numba import cuda
-    _IMPORT_ERROR = None
-except Exception as exc:  # pragma: no cover - depends on the installation
-    cuda = None
-    _IMPORT_ERROR = exc
+
+
+class _LazyCuda:
+    """``numba.cuda``, imported at the first attribute read: the import takes about 0.45 s
+    here, which a CPU-only run need not pay.  :func:`_cuda_module` says whether it can be
+    imported at all."""
+
+    def __getattr__(self, name):
+        module = _cuda_module()
+        if module is None:
+            raise RuntimeError(_why_no_gpu())
+        return getattr(module, name)
+
+
+_CUDA = []  # [numba.cuda or None, the import's exception or None], once imported
+
+
+def _cuda_module():
+    """``numba.cuda``, or None when it cannot be imported (then ``_CUDA[1]`` says why)."""
+    if not _CUDA:
+        try:  # numba-cuda imports without a driver; this only guards a broken install
+            from numba import cuda as module
+            _CUDA[:] = [module, None]
+        except Exception as exc:  # pragma: no cover - depends on the installation
+            _CUDA[:] = [None, exc]
+    return _CUDA[0]
+
+
+cuda = _LazyCuda()
 
 __all__ = ["BatchedReversibleMomentum", "gpu_available"]
 
 
 def _simulator_on():
     # numba.cuda imports its config as ``config`` (numba-cuda and numba's old built-in target)
-    return cuda is not None and bool(getattr(getattr(cuda, "config", None), "ENABLE_CUDASIM", 0))
+    module = _cuda_module()
+    return module is not None and bool(getattr(getattr(module, "config", None),
+                                               "ENABLE_CUDASIM", 0))
 
 
 def gpu_available() -> bool:
     """True when a CUDA GPU is usable here, or when the CUDA simulator is on."""
-    if cuda is None:
+    if _cuda_module() is None:
         return False
     try:
         return bool(cuda.is_available())
@@ -60,10 +85,12 @@ def gpu_available() -> bool:
 
 def _why_no_gpu():
     """The reason no GPU can be used, as text."""
-    if cuda is None:
-        return f"numba.cuda cannot be imported ({type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR})"
+    module = _cuda_module()
+    if module is None:
+        error = _CUDA[1]
+        return f"numba.cuda cannot be imported ({type(error).__name__}: {error})"
     try:
-        cuda.get_current_device()
+        module.get_current_device()
     except Exception as exc:
         return f"{type(exc).__name__}: {' '.join(str(exc).split()).rstrip(' :.')}"
     return "cuda.is_available() is False"

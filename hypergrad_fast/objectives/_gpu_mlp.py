@@ -52,10 +52,9 @@ import numpy as np
 from numba import njit
 from numba.extending import register_jitable
 
-try:  # numba-cuda imports without a driver; this only guards a broken install
-    from numba import cuda
-except Exception:  # pragma: no cover - depends on the installation
-    cuda = None
+#: numba.cuda, imported by :func:`gpu_kernels` (a CPU run never pays for the import);
+#: the GPU wrappers read this global when they compile.
+cuda = None
 
 __all__ = ["gpu_kernels", "cpu_loops", "KERNEL_NAMES"]
 
@@ -382,7 +381,10 @@ def gpu_kernels():
     imported.  Compilation happens at the first launch of each kernel.  Launch with
     ``hypergrad_fast.engine._gpu_kernels.launch(kernel, n_threads, n_threads, *args)``.
     """
-    if cuda is None:
-        raise RuntimeError("numba.cuda cannot be imported")
+    global cuda
+    try:
+        from numba import cuda
+    except Exception as exc:  # pragma: no cover - depends on the installation
+        raise RuntimeError(f"numba.cuda cannot be imported ({type(exc).__name__}: {exc})") from None
     return types.SimpleNamespace(**{name: cuda.jit(_wrapper("gpu", name))
                                     for name in KERNEL_NAMES})
