@@ -178,16 +178,23 @@ def _forward_loop(x, v, state, height, rows, g, alpha, beta_n, scale, status, sc
         status[i] = new if before == OK else before
 
 
+@njit(cache=True, inline="always")
+def _set_position(x, i, xn, ok, status):
+    """``x[i] = xn`` where the element's move is ``ok`` and its status was OK (left as it
+    was otherwise, its status saying why); returns 1 for an element not moved, else 0."""
+    before = status[i]
+    good = ok & (before == OK)
+    x[i] = xn if good else x[i]
+    status[i] = _status(before, ok, False)
+    return np.int64(not good)
+
+
 @njit(cache=True)
 def _position_loop(x, v, alpha, sign, status):
     n_bad = 0
     for i in range(x.shape[0]):
         xn, ok = move_position(x[i], v[i], _at(alpha, i), sign)
-        before = status[i]
-        good = ok & (before == OK)
-        x[i] = xn if good else x[i]
-        status[i] = _status(before, ok, False)
-        n_bad += not good
+        n_bad += _set_position(x, i, xn, ok, status)
     return n_bad
 
 
@@ -445,11 +452,7 @@ def _adam_position_loop(x, m, s, alpha, eps, inv_scale_m, inv_scale_s, scale, si
     for i in range(x.shape[0]):
         xn, ok = move_adam(x[i], m[i], s[i], _at(alpha, i), eps, inv_scale_m, inv_scale_s,
                            scale, sign)
-        before = status[i]
-        good = ok & (before == OK)
-        x[i] = xn if good else x[i]
-        status[i] = _status(before, ok, False)
-        n_bad += not good
+        n_bad += _set_position(x, i, xn, ok, status)
     return n_bad
 
 

@@ -34,7 +34,6 @@ from ._wrapper import (
 from .cpu import Prepared
 
 
-
 class _LazyCuda:
     """``numba.cuda``, imported at the first attribute read: the import takes about 0.45 s
     here, which a CPU-only run need not pay.  :func:`_cuda_module` says whether it can be

@@ -382,9 +382,10 @@ def gpu_kernels():
     ``hypergrad_fast.engine._gpu_kernels.launch(kernel, n_threads, n_threads, *args)``.
     """
     global cuda
-    try:
-        from numba import cuda
-    except Exception as exc:  # pragma: no cover - depends on the installation
-        raise RuntimeError(f"numba.cuda cannot be imported ({type(exc).__name__}: {exc})") from None
+    from ..engine.gpu import _cuda_module, _why_no_gpu
+
+    cuda = _cuda_module()
+    if cuda is None:  # pragma: no cover - depends on the installation
+        raise RuntimeError(_why_no_gpu())
     return types.SimpleNamespace(**{name: cuda.jit(_wrapper("gpu", name))
                                     for name in KERNEL_NAMES})

@@ -579,8 +579,8 @@ def _carve(buf, off, rows, width):
 
 @njit(cache=True, nogil=True)
 def _tape_views(buf, col_buf, rows, sizes):
-    """One part's tape as (inputs, cols, hs, p, deltas, d_hs) views of its buffers
-    (``col_buf`` = [number of cols, cols...])."""
+    """One part's tape as (cols, hs, p, deltas, d_hs) views of its buffers, ``hs[0]`` the
+    (compacted) inputs (``col_buf`` = [number of cols, cols...])."""
     n_layers = sizes.shape[0] - 1
     n_cols = col_buf[0]
     cols = col_buf[1:1 + n_cols]
@@ -598,14 +598,14 @@ def _tape_views(buf, col_buf, rows, sizes):
     for layer in range(1, n_layers):
         d_h, off = _carve(buf, off, rows, sizes[layer])
         d_hs[layer] = d_h
-    return inputs, cols, hs, p, deltas, d_hs
+    return cols, hs, p, deltas, d_hs
 
 
 @njit(cache=True, nogil=True)
 def _save_tape(buf, col_buf, sizes, cols, hs, p, deltas, d_hs):
     col_buf[0] = cols.shape[0]
     col_buf[1:1 + cols.shape[0]] = cols
-    _, _, t_hs, t_p, t_deltas, t_d_hs = _tape_views(buf, col_buf, p.shape[0], sizes)
+    _, t_hs, t_p, t_deltas, t_d_hs = _tape_views(buf, col_buf, p.shape[0], sizes)
     for layer in range(len(hs)):
         t_hs[layer][:, :] = hs[layer]
         t_deltas[layer][:, :] = deltas[layer]
@@ -639,7 +639,7 @@ def batch_hvp_tape(x, u, targets, idx, sizes, w_off, b_off, relu, want_inputs, l
     for h in prange(parts):
         lo, hi = _part_rows(idx.shape[0], parts, h)
         batch_targets = gather_rows(targets, idx[lo:hi], np.empty((hi - lo, targets.shape[1])))
-        _, cols, hs, p, deltas, d_hs = _tape_views(tape[h], tape_cols[h], hi - lo, sizes)
+        cols, hs, p, deltas, d_hs = _tape_views(tape[h], tape_cols[h], hi - lo, sizes)
         _hvp_from_tape(x, u, batch_targets, hs, p, deltas, d_hs, sizes, w_off, b_off, relu,
                        want_inputs, hu_parts[h], d_inputs[lo:hi] if want_inputs else d_inputs,
                        idx.shape[0], cols)
