@@ -153,7 +153,7 @@ def adam_value_and_hypergrads(problem, impl):
 
     def hyperloss(x0, alphas, b1s, b2s, meta):
         x_final = train(p.loss, x0, alphas, b1s, b2s, meta, groups=p.groups)
-        return p.model.loss(x_final, p.valid_inputs, p.valid_targets)
+        return p.valid_loss(x_final)
 
     return value_and_grad(hyperloss, argnum=(0, 1, 2, 3, 4))(p.x0, alphas, b1s, b2s, p.meta)
 

@@ -19,7 +19,7 @@ from autograd.tracer import getval
 
 from .objectives.batches import check_int as _check_int
 from .objectives.batches import check_batches, minibatch
-from .objectives.compiled import CompiledMLPLoss
+from .objectives.compiled import CompiledEvalLoss, CompiledMLPLoss
 from .objectives.layout import ParamLayout
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "l2_penalty",
     "minibatch",
     "make_train_loss",
+    "make_eval_loss",
     "make_meta",
 ]
 
@@ -161,6 +162,40 @@ def _data_array(name, value, ncols=None):
     return a
 
 
+def _model_data(model, inputs, targets, backend):
+    """Check the backend and model; ``inputs`` and ``targets`` as validated float64 arrays."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if not isinstance(model, MLP):
+        raise TypeError(f"model must be an MLP or LogisticRegression, got {type(model).__name__}")
+    inputs = _data_array("inputs", inputs, model.layer_sizes[0])
+    targets = _data_array("targets", targets, model.layer_sizes[-1])
+    if len(inputs) != len(targets):
+        raise ValueError(f"inputs and targets must have equal lengths, got {inputs.shape} and "
+                         f"{targets.shape}")
+    return inputs, targets
+
+
+def make_eval_loss(model, inputs, targets, *, backend="compiled"):
+    """Build ``loss(x)``: the mean cross-entropy of ``model`` with weights x on fixed data
+    (a validation set: the usual hyperloss), differentiable by autograd.
+
+    ``backend="compiled"`` (default) returns a
+    :class:`~hypergrad_fast.objectives.CompiledEvalLoss`: Numba value and gradient,
+    autograd differentiates it once, in x (higher derivatives raise
+    NotImplementedError).  ``backend="autograd"`` returns ``model.loss`` on the data,
+    differentiable to any order.  The data are checked as by :func:`make_train_loss`.
+    """
+    inputs, targets = _model_data(model, inputs, targets, backend)
+    if backend == "compiled":
+        return CompiledEvalLoss(model, inputs, targets)
+
+    def loss(x):
+        return model.loss(x, inputs, targets)
+
+    return loss
+
+
 def make_train_loss(model, inputs, targets, batch_size, *, seed=0, l2=None, learn_inputs=False,
                     batches=None, backend="compiled"):
     """Build ``loss(x, meta, t)``: the training objective at iteration t (a scalar).
@@ -182,15 +217,7 @@ def make_train_loss(model, inputs, targets, batch_size, *, seed=0, l2=None, lear
     """
     if l2 not in _L2_MODES:
         raise ValueError(f"l2 must be one of {_L2_MODES}, got {l2!r}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if not isinstance(model, MLP):
-        raise TypeError(f"model must be an MLP or LogisticRegression, got {type(model).__name__}")
-    inputs = _data_array("inputs", inputs, model.layer_sizes[0])
-    targets = _data_array("targets", targets, model.layer_sizes[-1])
-    if len(inputs) != len(targets):
-        raise ValueError(f"inputs and targets must have equal lengths, got {inputs.shape} and "
-                         f"{targets.shape}")
+    inputs, targets = _model_data(model, inputs, targets, backend)
     n_examples = len(inputs)
     batch_size = _check_int("batch_size", batch_size, 1)
     seed = _check_int("seed", seed, 0)

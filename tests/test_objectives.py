@@ -154,8 +154,8 @@ def test_inputs_with_zero_columns_take_the_compact_products(activation, batch_si
     compiled = make_train_loss(*args, seed=1, l2="group")
     traced = make_train_loss(*args, seed=1, l2="group", backend="autograd")
     meta = {"log_l2": rng.uniform(-3, -1, model.layout.n_groups)}
-    half = inputs[minibatch(0, 60, batch_size, 1)[:batch_size // 2]]
-    assert 0 < active_columns(half).size <= 8, "the test must reach the compact path"
+    half = minibatch(0, 60, batch_size, 1)[:batch_size // 2]
+    assert 0 < active_columns(inputs, half).size <= 8, "the test must reach the compact path"
     x = 0.5 * rng.standard_normal(model.layout.size)
     u = rng.standard_normal(model.layout.size)
     for t in (0, 1):
@@ -356,3 +356,50 @@ def test_objective_interface_is_what_sgd_calls():
                                                alphas, betas) ** 2))(x0)
     np.testing.assert_allclose(d_x0, ref, rtol=1e-10)
     assert Quadratic.calls == 8
+
+
+# ------------------------------------------------------------------ the eval loss
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("n", [5, 41])  # one part, and two halves on two cores
+def test_eval_loss_matches_autograd(name, n):
+    """``make_eval_loss``: the compiled value and gradient against ``model.loss`` traced by
+    autograd, on a hyperloss that trains first (the usual use)."""
+    from hypergrad_fast.models import make_eval_loss
+
+    model = MODELS[name]()
+    inputs, targets = _data(model, n=n, seed=3)
+    compiled = make_eval_loss(model, inputs, targets)
+    traced = make_eval_loss(model, inputs, targets, backend="autograd")
+    x = 0.7 * np.random.default_rng(4).standard_normal(model.layout.size)
+    value, g = value_and_grad(compiled)(x)
+    ref_value, ref_g = value_and_grad(traced)(x)
+    _close(value, ref_value, rtol=1e-13)
+    _close(g, ref_g, rtol=1e-12)
+    assert ref_value == pytest.approx(model.loss(x, inputs, targets), rel=1e-15)
+    # Through a scaled input: the chain rule reaches the compiled gradient.
+    _close(grad(lambda s: compiled(s * x))(2.0), grad(lambda s: traced(s * x))(2.0))
+
+
+def test_eval_loss_refuses_second_derivatives_and_bad_input():
+    from autograd import hessian_vector_product
+
+    from hypergrad_fast.models import make_eval_loss
+
+    model = MODELS["tanh"]()
+    inputs, targets = _data(model)
+    compiled = make_eval_loss(model, inputs, targets)
+    x = np.zeros(model.layout.size)
+    with pytest.raises(NotImplementedError, match="differentiable once.*backend='autograd'"):
+        hessian_vector_product(compiled)(x, x)
+    traced = make_eval_loss(model, inputs, targets, backend="autograd")
+    assert np.all(np.isfinite(hessian_vector_product(traced)(x, x)))
+    with pytest.raises(ValueError, match=r"x must have shape \(74,\)"):
+        compiled(np.zeros(5))
+    bad = inputs.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match=r"inputs\[2, 1\] = nan is not finite"):
+        make_eval_loss(model, bad, targets)
+    with pytest.raises(ValueError, match="targets must have shape"):
+        make_eval_loss(model, inputs, targets[:, :2])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        make_eval_loss(model, inputs, targets, backend="torch")

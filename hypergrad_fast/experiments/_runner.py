@@ -38,6 +38,7 @@ from autograd.tracer import getval
 from ..data import MNIST_ENV, load_mnist
 from ..metaopt import (CheckpointError, MetaResult, atomic_write, load_checkpoint, optimize,
                        remove_stale_temps)
+from ..models import make_eval_loss
 from ..objectives.compiled import one_blas_thread
 from ._args import (ConfigError, existing_folder, int_at_least, positive_float,
                     prepare_out_dir)
@@ -215,6 +216,7 @@ class MnistProblem:
         self.data = load_splits(config) if data is None else data
         self._stamp = None
         self._last = None  # (h, x_T) of the latest hyperloss evaluation
+        self._valid_loss = None
 
     def initial(self) -> np.ndarray:
         raise NotImplementedError
@@ -234,12 +236,21 @@ class MnistProblem:
         return (*(f"{split}_{what}" for split in SPLITS for what in ("loss", "error")),
                 *(f"grad_norm_{name}" for name in self.hyper.names))
 
+    @property
+    def valid_loss(self):
+        """``loss(x)``, the validation cross-entropy: :func:`~hypergrad_fast.models.make_eval_loss`
+        with the config's backend (built once)."""
+        if self._valid_loss is None:
+            valid = self.data.valid
+            self._valid_loss = make_eval_loss(self.model, valid.inputs, valid.targets,
+                                              backend=self.config.backend)
+        return self._valid_loss
+
     def hyperloss(self, h):
         """Validation cross-entropy (nats per example) of x_T trained with h."""
         x_final = self.train(h)
         self._last = (np.array(getval(h)), np.array(getval(x_final)))
-        valid = self.data.valid
-        return self.model.loss(x_final, valid.inputs, valid.targets)
+        return self.valid_loss(x_final)
 
     def hyperloss_and_grad(self, h):
         """(valid loss, its exact hypergradient (P,)) at h."""

@@ -29,7 +29,8 @@ from numba import njit, prange
 #: ``cols`` for "every input column": no compaction (see :func:`active_columns`).
 ALL_COLUMNS = np.empty(0, dtype=np.int64)
 
-__all__ = ["ALL_COLUMNS", "active_columns", "gather_rows", "value_only", "value_grad", "grad_hvp", "l2_value_grad", "l2_grad_hvp",
+__all__ = ["ALL_COLUMNS", "active_columns", "gather_rows", "value_only", "value_grad",
+           "value_grad_all", "grad_hvp", "l2_value_grad", "l2_grad_hvp",
            "batch_value_grad", "batch_grad_hvp", "value_grad_rows", "grad_hvp_rows",
            "tape_size", "batch_grad_tape", "batch_hvp_tape", "l2_hvp"]
 
@@ -71,27 +72,38 @@ COMPACT_MAX_SHARE = 0.875  # compact when at most this share of the columns is a
 
 
 @njit(cache=True, nogil=True)
-def active_columns(inputs):
-    """The columns of ``inputs`` with a nonzero entry, or an empty array when there are
-    more than COMPACT_MAX_SHARE of them (or none): then the products stay dense."""
-    n_in = inputs.shape[1]
-    active = np.zeros(n_in, dtype=np.bool_)
-    for m in range(inputs.shape[0]):
-        for k in range(n_in):
-            if inputs[m, k] != 0.0:
-                active[k] = True
-    cols = np.flatnonzero(active)
-    if cols.shape[0] == 0 or cols.shape[0] > COMPACT_MAX_SHARE * n_in:
+def active_columns(source, rows):
+    """The columns with a nonzero entry in the rows ``rows`` of ``source``, or an empty array
+    when there are more than COMPACT_MAX_SHARE of them (or none): then the products stay
+    dense."""
+    n_in = source.shape[1]
+    active = np.zeros(n_in, dtype=np.uint8)
+    for m in range(rows.shape[0]):
+        row = source[rows[m]]
+        for k in range(n_in):  # branch-free: vectorised
+            active[k] |= np.uint8(row[k] != 0.0)
+    n_active = 0
+    for k in range(n_in):
+        n_active += active[k]
+    if n_active == 0 or n_active > COMPACT_MAX_SHARE * n_in:
         return np.empty(0, dtype=np.int64)
-    return cols.astype(np.int64)
+    cols = np.empty(n_active, dtype=np.int64)
+    j = 0
+    for k in range(n_in):
+        if active[k]:
+            cols[j] = k
+            j += 1
+    return cols
 
 
 @njit(cache=True, nogil=True)
-def _take_columns(a, cols):
-    out = np.empty((a.shape[0], cols.shape[0]))
-    for m in range(a.shape[0]):
+def _gather_columns(source, rows, cols):
+    """``source[rows][:, cols]`` (a new array), without the full rows' copy."""
+    out = np.empty((rows.shape[0], cols.shape[0]))
+    for m in range(rows.shape[0]):
+        row = source[rows[m]]
         for j in range(cols.shape[0]):
-            out[m, j] = a[m, cols[j]]
+            out[m, j] = row[cols[j]]
     return out
 
 
@@ -120,9 +132,13 @@ def _weight_grad(h, delta, out, layer, cols):
         np.dot(h.T, delta, out)
         return
     part = np.dot(h.T, delta)
-    out[:, :] = 0.0
-    for j in range(cols.shape[0]):
-        out[cols[j], :] = part[j, :]
+    j = 0
+    for k in range(out.shape[0]):  # each row written once (cols ascending)
+        if j < cols.shape[0] and cols[j] == k:
+            out[k, :] = part[j, :]
+            j += 1
+        else:
+            out[k, :] = 0.0
 
 
 # 1 / n! for n = 1 .. 13: Taylor coefficients of expm1 on |r| <= log(2) / 2, where the
@@ -300,6 +316,21 @@ def value_grad(x, inputs, targets, sizes, w_off, b_off, relu, g, denom, cols):
     return _grad_tape(x, inputs, targets, sizes, w_off, b_off, relu, g, denom, cols)[0]
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def value_grad_all(x, inputs, targets, sizes, w_off, b_off, relu, g):
+    """The mean cross-entropy of all of ``inputs`` (a validation set) and its gradient in x,
+    written into ``g``: :func:`value_only`'s halves of the rows on two cores, each
+    differentiated by :func:`value_grad`, the halves' sums added in order."""
+    n_rows = inputs.shape[0]
+    parts = n_parts(n_rows)
+    g_parts, values = np.empty((parts, x.shape[0])), np.empty(parts)
+    for h in prange(parts):
+        lo, hi = _part_rows(n_rows, parts, h)
+        values[h] = value_grad(x, inputs[lo:hi], targets[lo:hi], sizes, w_off, b_off, relu,
+                               g_parts[h], n_rows, ALL_COLUMNS)
+    return _total_value_grad(g_parts, values, np.empty(0), x, g)
+
+
 @njit(cache=True, nogil=True)
 def _hvp_from_tape(x, u, targets, hs, p, deltas, d_hs, sizes, w_off, b_off, relu, want_inputs,
                    hu, d_inputs, denom, cols):
@@ -440,10 +471,11 @@ def _part(idx, parts, h, source, targets):
     cols), the inputs compacted to their :func:`active_columns` ``cols``."""
     lo, hi = _part_rows(idx.shape[0], parts, h)
     sub = idx[lo:hi]
-    inputs = gather_rows(source, sub, np.empty((hi - lo, source.shape[1])))
-    cols = active_columns(inputs)
+    cols = active_columns(source, sub)
     if cols.shape[0] > 0:
-        inputs = _take_columns(inputs, cols)
+        inputs = _gather_columns(source, sub, cols)
+    else:
+        inputs = gather_rows(source, sub, np.empty((hi - lo, source.shape[1])))
     return (inputs, gather_rows(targets, sub, np.empty((hi - lo, targets.shape[1]))), lo, hi,
             cols)
 

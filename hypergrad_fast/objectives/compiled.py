@@ -16,13 +16,15 @@ the default), which validates the data.
 import threading
 
 import numpy as np
+from autograd.extend import defvjp, primitive
+from autograd.tracer import isbox
 
 from . import _mlp_kernels as kernels
 from .base import Objective
 from .batches import minibatch
 from .layout import block_offsets, group_bounds
 
-__all__ = ["CompiledMLPLoss", "one_blas_thread"]
+__all__ = ["CompiledMLPLoss", "CompiledEvalLoss", "one_blas_thread"]
 
 _EMPTY = np.empty(0)
 
@@ -275,8 +277,10 @@ class CompiledMLPLoss(Objective):
         no gradient: a learning curve's point."""
         inputs = self.inputs if inputs is None else np.ascontiguousarray(inputs, np.float64)
         targets = self.targets if targets is None else np.ascontiguousarray(targets, np.float64)
-        return kernels.value_only(np.ascontiguousarray(x, dtype=np.float64), inputs, targets,
-                                  self._sizes, self._w_off, self._b_off, self._relu)
+        with _one_blas_thread:
+            return kernels.value_only(np.ascontiguousarray(x, dtype=np.float64), inputs,
+                                      targets, self._sizes, self._w_off, self._b_off,
+                                      self._relu)
 
     def evaluate(self, x, inputs=None, targets=None):
         """``(mean cross-entropy, its gradient in x)`` on whole data (default: the training
@@ -292,3 +296,72 @@ class CompiledMLPLoss(Objective):
                                        targets, self._sizes, self._w_off, self._b_off,
                                        self._relu, g, len(inputs), kernels.ALL_COLUMNS)
         return value, g
+
+
+class CompiledEvalLoss:
+    """``loss(x)``: the mean cross-entropy of a model on fixed data (a validation set), with
+    a compiled value and gradient; autograd differentiates it once, in x.
+
+    Build it with :func:`hypergrad_fast.models.make_eval_loss`.  The value is
+    :func:`._mlp_kernels.value_only`, the gradient (its VJP)
+    :func:`._mlp_kernels.value_grad_all`: the rows' two halves on two cores, BLAS on one
+    thread.  As a hyperloss it also keeps NumPy's BLAS threads idle: they spin for
+    about 0.1 s after each product and would compete with the reverse pass that starts
+    right after the hyperloss's gradient.
+    """
+
+    def __init__(self, model, inputs, targets):
+        self.model, self.inputs, self.targets = model, inputs, targets
+        layout = model.layout
+        self._size = layout.size
+        self._sizes = np.array(model.layer_sizes, dtype=np.int64)
+        self._w_off, self._b_off = block_offsets(layout, model.n_layers)
+        self._relu = model.activation == "relu"
+
+    def __repr__(self):
+        return f"CompiledEvalLoss({self.model!r}, n={len(self.targets)})"
+
+    def __call__(self, x):
+        return _eval_loss(self, x)
+
+    def _weights(self, x):
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        if x.shape != (self._size,):
+            raise ValueError(f"x must have shape ({self._size},), got {x.shape}")
+        return x
+
+    def value(self, x):
+        """The mean cross-entropy at x (a float)."""
+        x = self._weights(x)
+        with _one_blas_thread:
+            return kernels.value_only(x, self.inputs, self.targets, self._sizes, self._w_off,
+                                      self._b_off, self._relu)
+
+    def value_and_grad(self, x):
+        """``(value, gradient (N,))`` at x."""
+        x = self._weights(x)
+        g = np.empty(self._size)
+        with _one_blas_thread:
+            value = kernels.value_grad_all(x, self.inputs, self.targets, self._sizes,
+                                           self._w_off, self._b_off, self._relu, g)
+        return value, g
+
+
+@primitive
+def _eval_loss(loss, x):
+    return loss.value(x)
+
+
+def _eval_loss_vjp(ans, loss, x):
+    if isbox(x):
+        raise NotImplementedError(
+            "a compiled eval loss is differentiable once; for higher derivatives build it "
+            "with make_eval_loss(..., backend='autograd')")
+
+    def vjp(d_ans):
+        return d_ans * loss.value_and_grad(x)[1]
+
+    return vjp
+
+
+defvjp(_eval_loss, None, _eval_loss_vjp)
