@@ -196,8 +196,6 @@ class SeedProblem(NamedTuple):
     betas: np.ndarray
     meta: dict
     groups: np.ndarray
-    valid_inputs: np.ndarray
-    valid_targets: np.ndarray
     valid_loss: Callable
 
     @property
@@ -225,8 +223,7 @@ def seed_problem(n_iter, seed=SEED):
     x0 = model.init_params(seed, np.log(0.1))
     shape = (n_iter, layout.n_groups)
     return SeedProblem(model, loss, x0, np.full(shape, ALPHA), np.full(shape, BETA), meta,
-                       layout.groups, data.valid.inputs, data.valid.targets,
-                       eval_loss(model, data.valid.inputs, data.valid.targets))
+                       layout.groups, eval_loss(model, data.valid.inputs, data.valid.targets))
 
 
 def eval_loss(model, inputs, targets):

@@ -87,7 +87,30 @@ def one_blas_thread():
 _NO_BOUNDS = np.empty(0, dtype=np.int64)
 
 
-class CompiledMLPLoss(Objective):
+class _ModelKernels:
+    """What every compiled loss of a model passes to the kernels: the layer widths, the
+    weights' and biases' offsets in x, the activation; the check of x's shape; the
+    mean cross-entropy of whole data (no gradient)."""
+
+    def __init__(self, model):
+        self.model = model
+        self._size = model.layout.size
+        self._sizes = np.array(model.layer_sizes, dtype=np.int64)
+        self._w_off, self._b_off = block_offsets(model.layout, model.n_layers)
+        self._relu = model.activation == "relu"
+
+    def _check_x(self, x):
+        if np.shape(x) != (self._size,):
+            raise ValueError(f"x must have shape ({self._size},), got {np.shape(x)}")
+
+    def _value(self, x, inputs, targets):
+        with _one_blas_thread:
+            return kernels.value_only(np.ascontiguousarray(x, dtype=np.float64), inputs,
+                                      targets, self._sizes, self._w_off, self._b_off,
+                                      self._relu)
+
+
+class CompiledMLPLoss(_ModelKernels, Objective):
     """Mean cross-entropy (+ L2) of an MLP on minibatch t, with compiled derivatives.
 
     Parameters (already validated by ``make_train_loss``)
@@ -103,16 +126,12 @@ class CompiledMLPLoss(Objective):
 
     def __init__(self, model, inputs, targets, batch_size, seed, batches, l2, learn_inputs,
                  autograd_loss):
-        self.model = model
+        super().__init__(model)
         self.inputs, self.targets = inputs, targets
         self.batch_size, self.seed, self.batches = batch_size, seed, batches
         self.l2, self.learn_inputs = l2, learn_inputs
         self._autograd_loss = autograd_loss
         layout = model.layout
-        self._size = layout.size
-        self._sizes = np.array(model.layer_sizes, dtype=np.int64)
-        self._w_off, self._b_off = block_offsets(layout, model.n_layers)
-        self._relu = model.activation == "relu"
         self._l2_shape = {None: None, "group": (layout.n_groups,), "weight": (layout.size,)}[l2]
         self._groups = layout.groups
         self._bounds = group_bounds(layout)
@@ -139,8 +158,7 @@ class CompiledMLPLoss(Objective):
 
     def _source(self, x, meta):
         """The inputs the minibatches are drawn from (``meta["inputs"]`` when learned)."""
-        if np.shape(x) != (self._size,):
-            raise ValueError(f"x must have shape ({self._size},), got {np.shape(x)}")
+        self._check_x(x)
         if self.learn_inputs:
             return self._meta_array(meta, "inputs", self.inputs.shape)
         return self.inputs
@@ -277,10 +295,7 @@ class CompiledMLPLoss(Objective):
         no gradient: a learning curve's point."""
         inputs = self.inputs if inputs is None else np.ascontiguousarray(inputs, np.float64)
         targets = self.targets if targets is None else np.ascontiguousarray(targets, np.float64)
-        with _one_blas_thread:
-            return kernels.value_only(np.ascontiguousarray(x, dtype=np.float64), inputs,
-                                      targets, self._sizes, self._w_off, self._b_off,
-                                      self._relu)
+        return self._value(x, inputs, targets)
 
     def evaluate(self, x, inputs=None, targets=None):
         """``(mean cross-entropy, its gradient in x)`` on whole data (default: the training
@@ -298,7 +313,7 @@ class CompiledMLPLoss(Objective):
         return value, g
 
 
-class CompiledEvalLoss:
+class CompiledEvalLoss(_ModelKernels):
     """``loss(x)``: the mean cross-entropy of a model on fixed data (a validation set), with
     a compiled value and gradient; autograd differentiates it once, in x.
 
@@ -311,12 +326,8 @@ class CompiledEvalLoss:
     """
 
     def __init__(self, model, inputs, targets):
-        self.model, self.inputs, self.targets = model, inputs, targets
-        layout = model.layout
-        self._size = layout.size
-        self._sizes = np.array(model.layer_sizes, dtype=np.int64)
-        self._w_off, self._b_off = block_offsets(layout, model.n_layers)
-        self._relu = model.activation == "relu"
+        super().__init__(model)
+        self.inputs, self.targets = inputs, targets
 
     def __repr__(self):
         return f"CompiledEvalLoss({self.model!r}, n={len(self.targets)})"
@@ -324,22 +335,15 @@ class CompiledEvalLoss:
     def __call__(self, x):
         return _eval_loss(self, x)
 
-    def _weights(self, x):
-        x = np.ascontiguousarray(x, dtype=np.float64)
-        if x.shape != (self._size,):
-            raise ValueError(f"x must have shape ({self._size},), got {x.shape}")
-        return x
-
     def value(self, x):
         """The mean cross-entropy at x (a float)."""
-        x = self._weights(x)
-        with _one_blas_thread:
-            return kernels.value_only(x, self.inputs, self.targets, self._sizes, self._w_off,
-                                      self._b_off, self._relu)
+        self._check_x(x)
+        return self._value(x, self.inputs, self.targets)
 
     def value_and_grad(self, x):
         """``(value, gradient (N,))`` at x."""
-        x = self._weights(x)
+        self._check_x(x)
+        x = np.ascontiguousarray(x, dtype=np.float64)
         g = np.empty(self._size)
         with _one_blas_thread:
             value = kernels.value_grad_all(x, self.inputs, self.targets, self._sizes,
