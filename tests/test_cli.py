@@ -63,8 +63,8 @@ def test_results_json_holds_config_hyperparameters_records_and_curves(finished):
     for key in ("train_loss", "train_error", "valid_loss", "valid_error", "test_loss",
                 "test_error", "grad_norm", "wall_time", "hyperloss"):
         assert len(records[key]) == 3, key
-    # The same validation loss, by the compiled hyperloss and by the NumPy record.
-    assert records["hyperloss"] == pytest.approx(records["valid_loss"], rel=1e-12, abs=0)
+    # The same validation loss, by the hyperloss and by the record (one compiled kernel).
+    assert records["hyperloss"] == records["valid_loss"]
     assert records["hyperloss"] != pytest.approx(records["train_loss"], rel=1e-3)
     assert r["summary"]["final_valid_loss"] == records["valid_loss"][-1]
     assert r["summary"]["final_valid_loss"] < r["summary"]["initial_valid_loss"]

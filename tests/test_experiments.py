@@ -210,3 +210,32 @@ def test_l2_after_the_shared_run_diverges_the_advised_command_continues(tmp_path
     assert main(shlex.split(command)[1:]) == 0
     steps = _results(out)["meta_step_sizes"]
     assert steps == {"per_weight": [0.1, 0.1], "shared": [0.05, 0.05]}
+
+
+def test_records_and_curves_agree_across_backends():
+    """The compiled backend's per-split losses and errors and its learning curve (the
+    compiled eval losses, input columns that are zero throughout left out) are those of
+    the NumPy model that ``--backend autograd`` uses."""
+    import dataclasses
+
+    from hypergrad_fast.experiments.schedules import SchedulesConfig, SchedulesProblem
+
+    config = SchedulesConfig(n_train=200, n_valid=100, n_test=100, iters=5, hidden=(10,),
+                             batch_size=50)
+    compiled = SchedulesProblem(config)
+    traced = SchedulesProblem(dataclasses.replace(config, backend="autograd"))
+    h = compiled.initial()
+    h[:5] += 1.0  # a larger learning rate: the errors are neither 0 nor 1
+    x = compiled.final_weights(h)
+    ours, ref = compiled.evaluate(x), traced.evaluate(x)
+    assert set(ours) == set(ref)
+    for key in ref:
+        if key.endswith("_error"):
+            assert 0.0 < ours[key] < 1.0 and ours[key] == ref[key], key
+        else:
+            assert ours[key] == pytest.approx(ref[key], rel=1e-12, abs=0), key
+    assert compiled.eval_loss("train")._compact.shape[1] < 784  # the border left out
+    ours, ref = compiled.learning_curve(h), traced.learning_curve(h)
+    assert ours["iteration"] == ref["iteration"] == list(range(6))
+    for key in ("train_loss", "valid_loss"):
+        np.testing.assert_allclose(ours[key], ref[key], rtol=1e-11)

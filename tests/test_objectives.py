@@ -359,16 +359,28 @@ def test_objective_interface_is_what_sgd_calls():
 
 
 # ------------------------------------------------------------------ the eval loss
+def _eval_data(model, n, zero_columns):
+    """Random data; with ``zero_columns``, input columns 0 and 3 are zero in every row (as
+    an MNIST set's border pixels), so the compiled eval loss leaves them out."""
+    inputs, targets = _data(model, n=n, seed=3)
+    if zero_columns:
+        inputs[:, [0, 3]] = 0.0
+    return inputs, targets
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("n", [5, 41])  # one part, and two halves on two cores
-def test_eval_loss_matches_autograd(name, n):
+@pytest.mark.parametrize("zero_columns", [False, True])
+def test_eval_loss_matches_autograd(name, n, zero_columns):
     """``make_eval_loss``: the compiled value and gradient against ``model.loss`` traced by
     autograd, on a hyperloss that trains first (the usual use)."""
     from hypergrad_fast.models import make_eval_loss
 
     model = MODELS[name]()
-    inputs, targets = _data(model, n=n, seed=3)
+    inputs, targets = _eval_data(model, n, zero_columns)
     compiled = make_eval_loss(model, inputs, targets)
+    n_in = model.layer_sizes[0]
+    assert compiled._compact.shape == (n, n_in - 2 if zero_columns else n_in)
     traced = make_eval_loss(model, inputs, targets, backend="autograd")
     x = 0.7 * np.random.default_rng(4).standard_normal(model.layout.size)
     value, g = value_and_grad(compiled)(x)
@@ -378,6 +390,25 @@ def test_eval_loss_matches_autograd(name, n):
     assert ref_value == pytest.approx(model.loss(x, inputs, targets), rel=1e-15)
     # Through a scaled input: the chain rule reaches the compiled gradient.
     _close(grad(lambda s: compiled(s * x))(2.0), grad(lambda s: traced(s * x))(2.0))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("zero_columns", [False, True])
+def test_eval_loss_value_and_error(name, zero_columns):
+    """``value_and_error``: the mean cross-entropy and the misclassified fraction, as
+    ``model.loss`` and ``model.error`` compute them."""
+    from hypergrad_fast.models import make_eval_loss
+
+    model = MODELS[name]()
+    inputs, targets = _eval_data(model, 41, zero_columns)
+    compiled = make_eval_loss(model, inputs, targets)
+    for seed in range(3):
+        x = np.random.default_rng(seed).standard_normal(model.layout.size)
+        value, error = compiled.value_and_error(x)
+        assert value == pytest.approx(float(model.loss(x, inputs, targets)), rel=1e-13)
+        assert value == compiled.value(x)
+        assert 0.0 < error < 1.0
+        assert error == model.error(x, inputs, targets)
 
 
 def test_eval_loss_refuses_second_derivatives_and_bad_input():

@@ -216,3 +216,28 @@ def test_per_group_sums_do_not_depend_on_the_group_layout(layout):
     for name, o, r in zip(["x0", "alphas", "betas"], ours, ref):
         _assert_close(o, r, name)
     assert np.all((ours[1] != 0).any(axis=0) == (np.bincount(groups, minlength=4) > 0))
+
+
+@pytest.mark.parametrize("per_group", [False, True], ids=["alphas(T,)", "alphas(T,G)"])
+def test_fused_cotangents_equal_the_element_wise_steps(per_group, monkeypatch):
+    """With contiguous groups, the CPU backend runs each reverse step's cotangents in two
+    fused passes; the hypergradients are those of the element-wise steps (the per-thread
+    functions' arithmetic, which the GPU runs), bit for bit."""
+    from hypergrad_fast.hypergrad import algorithm
+
+    model = MLP([6, 12, 12, 3], "tanh")
+    loss, meta, _, _ = _problem(model)
+    rng = np.random.default_rng(5)
+    x0 = model.init_params(rng, -1.0)
+    n_iter, n_groups = 30, model.layout.n_groups
+    alphas = rng.uniform(0.2, 0.6, (n_iter, n_groups) if per_group else (n_iter,))
+    betas = rng.uniform(0.5, 0.95, (n_iter, n_groups))
+    w = rng.standard_normal(model.layout.size)
+    fused = _hypergrads(sgd, loss, x0, alphas, betas, meta, model.layout.groups, w)
+    for name in ("position_cotangents", "direction", "moment_cotangents"):
+        monkeypatch.setattr(algorithm.CpuBackend, name, getattr(algorithm.MomentumRule, name))
+    steps = _hypergrads(sgd, loss, x0, alphas, betas, meta, model.layout.groups, w)
+    for name, a, b in zip(["x0", "alphas", "betas"], fused, steps):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+        assert np.abs(a).max() > 0, name
+    np.testing.assert_array_equal(fused[3]["log_l2"], steps[3]["log_l2"])

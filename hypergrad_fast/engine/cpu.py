@@ -299,6 +299,12 @@ class ReversibleMomentum(FixedPointInputs, ExactEngine):
         """Current velocity as a float64 copy."""
         return k.to_float(self._v, 1.0 / self._scale)
 
+    def fixed_v(self):
+        """``(v_fixed, inv_scale)``: the fixed-point velocity itself (int64 (N,), not a copy:
+        read it, never write it) and ``1 / scale``; :attr:`v` is ``v_fixed * inv_scale``.
+        For loops that read v once without the copy (the reverse pass's cotangents)."""
+        return self._v, 1.0 / self._scale
+
     @property
     def aux_bits(self):
         """Information held in the buffer, in bits (summed over parameters)."""

@@ -39,7 +39,7 @@ from ..data import MNIST_ENV, load_mnist
 from ..metaopt import (CheckpointError, MetaResult, atomic_write, load_checkpoint, optimize,
                        remove_stale_temps)
 from ..models import make_eval_loss
-from ..objectives.compiled import one_blas_thread
+from ..objectives.compiled import CompiledEvalLoss, one_blas_thread
 from ._args import (ConfigError, existing_folder, int_at_least, positive_float,
                     prepare_out_dir)
 
@@ -216,7 +216,7 @@ class MnistProblem:
         self.data = load_splits(config) if data is None else data
         self._stamp = None
         self._last = None  # (h, x_T) of the latest hyperloss evaluation
-        self._valid_loss = None
+        self._eval_losses = {}
 
     def initial(self) -> np.ndarray:
         raise NotImplementedError
@@ -236,15 +236,20 @@ class MnistProblem:
         return (*(f"{split}_{what}" for split in SPLITS for what in ("loss", "error")),
                 *(f"grad_norm_{name}" for name in self.hyper.names))
 
+    def eval_loss(self, split: str):
+        """``loss(x)``, the cross-entropy on split ``split`` ("train", "valid" or "test"):
+        :func:`~hypergrad_fast.models.make_eval_loss` with the config's backend (built
+        once per split)."""
+        if split not in self._eval_losses:
+            data = getattr(self.data, split)
+            self._eval_losses[split] = make_eval_loss(self.model, data.inputs, data.targets,
+                                                      backend=self.config.backend)
+        return self._eval_losses[split]
+
     @property
     def valid_loss(self):
-        """``loss(x)``, the validation cross-entropy: :func:`~hypergrad_fast.models.make_eval_loss`
-        with the config's backend (built once)."""
-        if self._valid_loss is None:
-            valid = self.data.valid
-            self._valid_loss = make_eval_loss(self.model, valid.inputs, valid.targets,
-                                              backend=self.config.backend)
-        return self._valid_loss
+        """``loss(x)``, the validation cross-entropy: :meth:`eval_loss` ("valid")."""
+        return self.eval_loss("valid")
 
     def hyperloss(self, h):
         """Validation cross-entropy (nats per example) of x_T trained with h."""
@@ -262,6 +267,10 @@ class MnistProblem:
         out = {}
         x = np.asarray(x)
         for name, split in zip(SPLITS, self.data):
+            loss = self.eval_loss(name)
+            if isinstance(loss, CompiledEvalLoss):  # the compiled forward pass
+                out[f"{name}_loss"], out[f"{name}_error"] = loss.value_and_error(x)
+                continue
             # one forward pass for both: the arithmetic of model.loss and model.error
             log_probs = self.model.log_probs(x, split.inputs)
             out[f"{name}_loss"] = float(-np.mean(np.sum(log_probs * split.targets, axis=1)))

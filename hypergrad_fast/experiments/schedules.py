@@ -205,18 +205,13 @@ class SchedulesProblem(MnistProblem):
         """Full-set training and validation loss (nats) after each iteration 0..T."""
         h = np.asarray(h, dtype=np.float64)
         x0 = self.schedules(h)[0]
-        train, valid = self.data.train, self.data.valid
-        # The compiled loss's forward pass when there is one (a curve point per iteration).
-        value = getattr(self.train_loss, "value", None)
-        if value is None:
-            def value(x, inputs, targets):
-                return float(self.model.loss(x, inputs, targets))
+        train_loss, valid_loss = self.eval_loss("train"), self.eval_loss("valid")
         curve = {"iteration": [], "train_loss": [], "valid_loss": []}
 
         def add(t, x):
             curve["iteration"].append(t)
-            curve["train_loss"].append(float(value(x, train.inputs, train.targets)))
-            curve["valid_loss"].append(float(value(x, valid.inputs, valid.targets)))
+            curve["train_loss"].append(float(train_loss(x)))
+            curve["valid_loss"].append(float(valid_loss(x)))
 
         add(0, x0)
         self.train(h, callback=lambda t, x, *state: add(t + 1, x))

@@ -321,6 +321,28 @@ class CpuBackend(MomentumRule, HostBackend):
         return EngineState(*(np.stack([getattr(s, f) for s in states])
                              for f in ("x", "v", "coder", "height")), words)
 
+    # With contiguous groups, each row's cotangents in one fused pass (the same bits).
+    def position_cotangents(self, d_x, t):
+        if self._bounds is None:
+            return super().position_cotangents(d_x, t)
+        s = self.sched
+        for b, engine in enumerate(self.engines):
+            _position_cotangents(d_x[b], *engine.fixed_v(), s.alphas[b, t], s.betas_eff[b, t],
+                                 self._bounds, self._d_v[b], self._vec[b],
+                                 self._d_sched[0][b, t])
+
+    def direction(self, g, t):
+        if self._bounds is None:
+            return super().direction(g, t)
+        return self._vec  # made by position_cotangents
+
+    def moment_cotangents(self, d_x, g, hx, t):
+        if self._bounds is None:
+            return super().moment_cotangents(d_x, g, hx, t)
+        for b, engine in enumerate(self.engines):
+            _moment_cotangents(self._d_v[b], *engine.fixed_v(), g[b], self.sched.betas_eff[b, t],
+                               self._bounds, d_x[b], hx[b], self._d_sched[1][b, t])
+
     # The reverse pass's element-wise steps: each one IEEE operation per element, as in
     # the per-thread kernels of the GPU, so the bits are the same (one compiled loop
     # each, with Numba's default IEEE flags, so no multiply-add is contracted).
@@ -360,6 +382,39 @@ def _add_and_scale(d_x, hx, d_v, coef):
     for i in range(d_x.shape[0]):
         d_x[i] += hx[i]
         d_v[i] *= _at(coef, i)
+
+
+# One run's reverse-pass cotangents in one pass over the parameters, for groups that are
+# contiguous blocks (the models' layouts).  Per element, the IEEE operations of
+# group_dot, velocity_cotangent, hvp_direction and after_hvp (the per-thread functions
+# that the GPU runs), in the same order, and v's value as to_float computes it: the
+# same bits, without the velocity's float copy, the per-parameter coefficient rows and
+# five more passes.
+@njit(cache=True)
+def _position_cotangents(d_x, v_fixed, inv_scale, alphas, betas_eff, bounds, d_v, vec, out):
+    """``out[grp] = sum(d_x * v)`` per group; ``d_v += alpha d_x``; ``vec = -(1 - beta) d_v``
+    (alphas, betas_eff (G,): step t's values per group)."""
+    for grp in range(bounds.shape[0] - 1):
+        alpha, factor = alphas[grp], -(1.0 - betas_eff[grp])
+        acc = 0.0
+        for i in range(bounds[grp], bounds[grp + 1]):
+            acc += d_x[i] * (np.float64(v_fixed[i]) * inv_scale)
+            d_v[i] += alpha * d_x[i]
+            vec[i] = factor * d_v[i]
+        out[grp] = acc
+
+
+@njit(cache=True)
+def _moment_cotangents(d_v, v_fixed, inv_scale, g, betas_eff, bounds, d_x, hx, out):
+    """``out[grp] = sum(d_v * (v + g))`` per group; ``d_x += hx``; ``d_v *= beta``."""
+    for grp in range(bounds.shape[0] - 1):
+        beta = betas_eff[grp]
+        acc = 0.0
+        for i in range(bounds[grp], bounds[grp + 1]):
+            acc += d_v[i] * (np.float64(v_fixed[i]) * inv_scale + g[i])
+            d_x[i] += hx[i]
+            d_v[i] *= beta
+        out[grp] = acc
 
 
 class BatchedObjective:

@@ -264,23 +264,42 @@ def _back_through(d_h, h, relu):
     return out
 
 
+@njit(cache=True, nogil=True)
+def _n_wrong(logits, targets):
+    """Rows whose largest logit is not at their target's largest entry (the first of
+    equal ones, as ``np.argmax``): misclassified examples for one-hot targets."""
+    wrong = 0
+    for m in range(logits.shape[0]):
+        guess, label = 0, 0
+        for c in range(1, logits.shape[1]):
+            if logits[m, c] > logits[m, guess]:
+                guess = c
+            if targets[m, c] > targets[m, label]:
+                label = c
+        wrong += guess != label
+    return wrong
+
+
 @njit(cache=True, nogil=True, parallel=True)
-def value_only(x, inputs, targets, sizes, w_off, b_off, relu):
-    """The mean cross-entropy of ``inputs`` against ``targets`` (no gradient).
+def value_only(x, inputs, targets, sizes, w_off, b_off, relu, cols):
+    """``(mean cross-entropy, misclassified rows)`` of ``inputs`` against ``targets``, no
+    gradient; ``inputs`` and ``cols`` as in :func:`value_grad`.
 
     From PARTS_MIN_ROWS rows, the rows' two halves run on two cores and their sums
     are added in order (the split depends on the number of rows alone)."""
     n_rows = inputs.shape[0]
     parts = n_parts(n_rows)
     sums = np.empty(parts)
+    wrong = np.empty(parts, dtype=np.int64)
     for h in prange(parts):
         lo, hi = _part_rows(n_rows, parts, h)
-        _, logits = _forward(x, inputs[lo:hi], sizes, w_off, b_off, relu, ALL_COLUMNS)
+        _, logits = _forward(x, inputs[lo:hi], sizes, w_off, b_off, relu, cols)
         sums[h], _, _ = _softmax_top(logits, targets[lo:hi], 1.0)
+        wrong[h] = _n_wrong(logits, targets[lo:hi])
     total = sums[0]
     for h in range(1, parts):
         total += sums[h]
-    return total / n_rows
+    return total / n_rows, wrong.sum()
 
 
 @njit(cache=True, nogil=True)
@@ -317,17 +336,18 @@ def value_grad(x, inputs, targets, sizes, w_off, b_off, relu, g, denom, cols):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def value_grad_all(x, inputs, targets, sizes, w_off, b_off, relu, g):
+def value_grad_all(x, inputs, targets, sizes, w_off, b_off, relu, g, cols):
     """The mean cross-entropy of all of ``inputs`` (a validation set) and its gradient in x,
     written into ``g``: :func:`value_only`'s halves of the rows on two cores, each
-    differentiated by :func:`value_grad`, the halves' sums added in order."""
+    differentiated by :func:`value_grad`, the halves' sums added in order; ``inputs``
+    and ``cols`` as in :func:`value_grad`."""
     n_rows = inputs.shape[0]
     parts = n_parts(n_rows)
     g_parts, values = np.empty((parts, x.shape[0])), np.empty(parts)
     for h in prange(parts):
         lo, hi = _part_rows(n_rows, parts, h)
         values[h] = value_grad(x, inputs[lo:hi], targets[lo:hi], sizes, w_off, b_off, relu,
-                               g_parts[h], n_rows, ALL_COLUMNS)
+                               g_parts[h], n_rows, cols)
     return _total_value_grad(g_parts, values, np.empty(0), x, g)
 
 
