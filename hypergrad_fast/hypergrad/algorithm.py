@@ -102,6 +102,18 @@ def _group_sums(a, c, e, use_e, groups, out, t):
                 out[b, t, groups[i]] += a[b, i] * c[b, i]
 
 
+@njit(cache=True)
+def _fill_blocks(rows, bounds):
+    """A (B, G) row of per-group values as one flat (B * N) array, each value over its
+    group's block ``bounds[g]:bounds[g + 1]``."""
+    n_params = bounds[-1]
+    out = np.empty(rows.shape[0] * n_params)
+    for b in range(rows.shape[0]):
+        for grp in range(rows.shape[1]):
+            out[b * n_params + bounds[grp]:b * n_params + bounds[grp + 1]] = rows[b, grp]
+    return out
+
+
 class _Coefficients:
     """The engine's prepared coefficient for row t of a (B, T, G) schedule.
 
@@ -110,17 +122,17 @@ class _Coefficients:
     A row with one value throughout goes to the engine as a scalar.
     """
 
-    def __init__(self, schedule, groups, prepare, counts=None):
+    def __init__(self, schedule, groups, prepare, bounds=None):
         self._schedule, self._groups, self._prepare = schedule, groups, prepare
-        # With ``counts``, the (G,) sizes of groups that are contiguous blocks in order
-        # (the models' layouts), a row expands by repeating each value over its block,
-        # several times faster than a gather.
-        self._counts = counts
+        # With ``bounds``, the (G + 1,) block edges of groups that are contiguous blocks
+        # in order (the models' layouts), a row expands by filling each block with its
+        # value, several times faster than a gather.
+        self._bounds = bounds
         self._kept = {}
 
     def _expand(self, row):
-        if self._counts is not None:
-            return np.repeat(row, self._counts, axis=1).ravel()
+        if self._bounds is not None:
+            return _fill_blocks(row, self._bounds)
         return row[:, self._groups].ravel()
 
     def __getitem__(self, t):
@@ -199,22 +211,21 @@ class HostBackend:
         self._loops = _gpu_mlp.cpu_loops()
         self.groups = sched.groups
         n_groups = sched.alphas.shape[2]
-        self._bounds = self._counts = None
+        self._bounds = None
         if np.all(self.groups[1:] >= self.groups[:-1]):  # contiguous blocks
             self._bounds = np.searchsorted(self.groups, np.arange(n_groups + 1)).astype(np.int64)
-            self._counts = np.diff(self._bounds)
 
     def _per_engine(self, schedule, prepare):
         """Row b's coefficients of a (B, T, G) schedule, prepared by engine b's method
         named ``prepare``."""
-        return [_Coefficients(schedule[b:b + 1], self.groups, getattr(e, prepare), self._counts)
+        return [_Coefficients(schedule[b:b + 1], self.groups, getattr(e, prepare), self._bounds)
                 for b, e in enumerate(self.engines)]
 
     def _values(self, schedule, prepare=None):
         """The float values of a (B, T, G) schedule at t: scalars or (B, N) arrays (or
         what ``prepare`` makes of one)."""
         shaped = self._shaped if prepare is None else (lambda v: prepare(self._shaped(v)))
-        return _Coefficients(schedule, self.groups, shaped, self._counts)
+        return _Coefficients(schedule, self.groups, shaped, self._bounds)
 
     def _shaped(self, per_param):
         """A scalar, or a flat per-parameter row as (B, N)."""
