@@ -518,10 +518,15 @@ def _part_grad_hvp(h, parts, x, u, source, targets, idx, sizes, w_off, b_off, re
 
 @njit(cache=True, nogil=True)
 def _sum_parts(parts, out):
-    """``out = parts[0] + parts[1] + ...``, in that order."""
-    out[:] = parts[0]
-    for h in range(1, parts.shape[0]):
-        out += parts[h]
+    """``out = parts[0] + parts[1] + ...``, in that order (one pass over ``out``)."""
+    if parts.shape[0] == 1:
+        out[:] = parts[0]
+        return
+    for i in range(out.shape[0]):  # two parts (the kernels' case): one vectorised pass
+        acc = parts[0, i] + parts[1, i]
+        for h in range(2, parts.shape[0]):
+            acc += parts[h, i]
+        out[i] = acc
 
 
 @njit(cache=True, nogil=True)
