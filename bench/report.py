@@ -3,6 +3,7 @@
     python -m bench.report            # a few minutes on 2 cores
     python -m bench.report --quick    # about a minute
     python -m bench.report --out DIR  # default out/report (git-ignored)
+    python -m bench.report --main-job 8   # the main job, compiled / autograd, 8 pairs
 
 Writes ``report.md``, ``results.json``, ``time_vs_T.png`` and ``memory_vs_T.png``.
 
@@ -358,6 +359,28 @@ def seed_ratios(rounds, settle, n_iter=100):
     return out
 
 
+def main_job_pairs(pairs, extra=()):
+    """The main job end to end, ``hypergrad-fast schedules --no-progress`` with the compiled
+    objective then with ``--backend autograd``, each in a child process, ``pairs`` times in
+    turn: a list of (compiled seconds, autograd seconds) of wall time (start-up, the
+    meta-optimisation, learning curves, plots and files).  ``extra``: more flags for both
+    (tests use tiny settings)."""
+    import tempfile
+
+    cmd = [sys.executable, "-m", "hypergrad_fast", "schedules", "--no-progress", *extra]
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(pairs):
+            seconds = []
+            for backend in ("compiled", "autograd"):
+                start = time.perf_counter()
+                subprocess.run([*cmd, "--backend", backend, "--out", f"{tmp}/{backend}{i}"],
+                               check=True, stdout=subprocess.DEVNULL)
+                seconds.append(time.perf_counter() - start)
+            out.append(tuple(seconds))
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Benchmark report without asv.")
     parser.add_argument("--quick", action="store_true", help="about a minute")
@@ -368,7 +391,19 @@ def main(argv=None):
     parser.add_argument("--settle", type=float, default=common.SETTLE_SECONDS,
                         help="with --seed-ratios: seconds of sleep before each timed run "
                              f"(default {common.SETTLE_SECONDS})")
+    parser.add_argument("--main-job", type=int, metavar="PAIRS",
+                        help="only time the main job end to end, compiled then --backend "
+                             "autograd, PAIRS pairs in turn, and print their ratios (no "
+                             "report; about 50 s a pair)")
     args = parser.parse_args(argv)
+    if args.main_job:
+        ratios_ = []
+        for ours, ref in main_job_pairs(args.main_job):
+            ratios_.append(ours / ref)
+            print(f"main job: compiled {ours:.2f} s, autograd {ref:.2f} s, "
+                  f"ratio {ratios_[-1]:.3f}", flush=True)
+        print(f"median ratio {float(np.median(ratios_)):.3f} over {len(ratios_)} pairs")
+        return
     if args.seed_ratios:
         for name, r in seed_ratios(args.seed_ratios, args.settle).items():
             print(f"{name}: ours {r['ours']:.3f} s, naive {r['naive']:.3f} s, "

@@ -183,3 +183,14 @@ def test_seed_ratios_report_both_optimisers(monkeypatch):
     for r in out.values():
         assert r["ours"] > 0 and r["naive"] > 0
         assert r["ratio"] == r["ours"] / r["naive"]
+
+
+def test_main_job_pairs_time_both_backends():
+    """``python -m bench.report --main-job``: the CLI's schedules run with each backend, in
+    turn, in child processes (tiny settings here)."""
+    from bench import report
+
+    pairs = report.main_job_pairs(1, extra=("--n-train", "100", "--n-valid", "50",
+                                            "--n-test", "50", "--iters", "3", "--hidden", "5",
+                                            "--batch-size", "20", "--meta-iters", "1"))
+    assert len(pairs) == 1 and all(s > 0 for s in pairs[0])
