@@ -89,8 +89,7 @@ _NO_BOUNDS = np.empty(0, dtype=np.int64)
 
 class _ModelKernels:
     """What every compiled loss of a model passes to the kernels: the layer widths, the
-    weights' and biases' offsets in x, the activation; the check of x's shape; the
-    mean cross-entropy of whole data (no gradient)."""
+    weights' and biases' offsets in x, the activation; the check of x's shape."""
 
     def __init__(self, model):
         self.model = model
@@ -102,14 +101,6 @@ class _ModelKernels:
     def _check_x(self, x):
         if np.shape(x) != (self._size,):
             raise ValueError(f"x must have shape ({self._size},), got {np.shape(x)}")
-
-    def _value(self, x, inputs, targets, cols=kernels.ALL_COLUMNS):
-        """``(mean cross-entropy, misclassified rows)``; ``inputs`` holds only the columns
-        ``cols`` when that is not empty."""
-        with _one_blas_thread:
-            return kernels.value_only(np.ascontiguousarray(x, dtype=np.float64), inputs,
-                                      targets, self._sizes, self._w_off, self._b_off,
-                                      self._relu, cols)
 
 
 class CompiledMLPLoss(_ModelKernels, Objective):
@@ -292,13 +283,6 @@ class CompiledMLPLoss(_ModelKernels, Objective):
             self._strength = np.ascontiguousarray(np.exp(log_l2[:, self._groups]))
         return self._strength
 
-    def value(self, x, inputs=None, targets=None):
-        """The mean cross-entropy on whole data (default: the training set), no penalty and
-        no gradient: a learning curve's point."""
-        inputs = self.inputs if inputs is None else np.ascontiguousarray(inputs, np.float64)
-        targets = self.targets if targets is None else np.ascontiguousarray(targets, np.float64)
-        return self._value(x, inputs, targets)[0]
-
     def evaluate(self, x, inputs=None, targets=None):
         """``(mean cross-entropy, its gradient in x)`` on whole data (default: the training
         set), no penalty: a validation loss for the sweeps."""
@@ -343,8 +327,12 @@ class CompiledEvalLoss(_ModelKernels):
         return _eval_loss(self, x)
 
     def _metrics(self, x):
+        """``(mean cross-entropy, misclassified rows)`` at x."""
         self._check_x(x)
-        return self._value(x, self._compact, self.targets, self._cols)
+        with _one_blas_thread:
+            return kernels.value_only(np.ascontiguousarray(x, dtype=np.float64), self._compact,
+                                      self.targets, self._sizes, self._w_off, self._b_off,
+                                      self._relu, self._cols)
 
     def value(self, x):
         """The mean cross-entropy at x (a float)."""
