@@ -13,5 +13,5 @@ from .batches import check_batches, minibatch
 from .compiled import CompiledEvalLoss, CompiledMLPLoss
 from .layout import ParamLayout
 
-__all__ = ["AutogradObjective", "CompiledEvalLoss", "CompiledMLPLoss", "Objective", "ParamLayout", "as_objective",
-           "check_batches", "minibatch"]
+__all__ = ["AutogradObjective", "CompiledEvalLoss", "CompiledMLPLoss", "Objective",
+           "ParamLayout", "as_objective", "check_batches", "minibatch"]
